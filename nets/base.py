@@ -1,0 +1,136 @@
+"""`Net`: the base every registered network builds on.
+
+A net declares its channel groups and layers in `__init__` (in code, never by matching names)
+and writes its forward pass in `forward`. The base gives it, for free:
+
+* params as `{"scope/var:0": ndarray}` dicts in the EKG pickle naming (`get_params`/`set_params`);
+* a width spec (`widths()`: active channels per prunable group) that, with `arch` and `config`,
+  fully describes a slimmed architecture (`spec()`);
+* complexity in both conventions without running the model (`cost()`).
+
+Every net is constructed as `Cls(arch=..., widths=None, masked=True, **config)`: `widths`
+shrinks groups (a slimmed net), `masked=False` builds an ordinary net without mask variables.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import tensorflow as tf
+
+from nets import complexity
+from nets.groups import ChannelGroup, MaskOptions
+from nets.layers import FC, BatchNorm, Conv2d, DepthwiseConv2d, Layer
+from utils.errors import ConfigError
+from utils.params_io import check_params
+
+
+class Net(tf.Module):
+    """Base class of the networks (see the module docstring)."""
+
+    def __init__(self, arch: str, config: Mapping, widths: Mapping[str, int] | None = None,
+                 masked: bool = True):
+        super().__init__(name="".join(c if c.isalnum() else "_" for c in arch))
+        self.arch = arch
+        self.config = dict(config)
+        self.masked = bool(masked)
+        self.options = MaskOptions() if masked else None
+        self.groups: dict[str, ChannelGroup] = {}
+        self.layers: dict[str, Layer] = {}
+        self._requested_widths = dict(widths or {})
+
+    # === Declaring the structure (used by subclasses in __init__) ===
+    def group(self, key: str, size: int, prunable: bool = True) -> ChannelGroup:
+        """Declare a channel group; a width spec may shrink it."""
+        if key in self.groups:
+            raise ValueError(f"{self.arch}: group {key!r} declared twice")
+        if prunable and key in self._requested_widths:
+            width = int(self._requested_widths[key])
+            if not 1 <= width <= size:
+                raise ConfigError(f"{self.arch}: width {width} of group {key} is outside 1..{size}")
+            size = width
+        group = ChannelGroup(key, size, prunable=prunable, masked=self.masked)
+        self.groups[key] = group
+        return group
+
+    def _add(self, layer: Layer) -> Layer:
+        if layer.key in self.layers:
+            raise ValueError(f"{self.arch}: layer {layer.key!r} declared twice")
+        self.layers[layer.key] = layer
+        return layer
+
+    def conv(self, key, in_group, out_group, kernel_size, in_hw, **kwargs) -> Conv2d:
+        return self._add(Conv2d(key, in_group, out_group, kernel_size, in_hw, options=self.options, **kwargs))
+
+    def dwconv(self, key, group, kernel_size, in_hw, **kwargs) -> DepthwiseConv2d:
+        return self._add(DepthwiseConv2d(key, group, kernel_size, in_hw, options=self.options, **kwargs))
+
+    def bn(self, key, group, hw, **kwargs) -> BatchNorm:
+        return self._add(BatchNorm(key, group, hw, options=self.options, **kwargs))
+
+    def fc(self, key, in_group, out_group, **kwargs) -> FC:
+        return self._add(FC(key, in_group, out_group, options=self.options, **kwargs))
+
+    def _check_widths_used(self) -> None:
+        """Call at the end of a subclass __init__: a width spec may only name real groups."""
+        unknown = sorted(set(self._requested_widths) - {k for k, g in self.groups.items() if g.prunable})
+        if unknown:
+            raise ConfigError(f"{self.arch}: width spec names unknown group {unknown[0]!r}")
+
+    # === Forward ===
+    def forward(self, x, training: bool):
+        raise NotImplementedError
+
+    def __call__(self, x, training: bool = False):
+        return self.forward(x, training)
+
+    # === Parameters ===
+    def param_vars(self) -> dict:
+        """`{"scope/var:0": tf.Variable}` in declaration order."""
+        return {f"{layer.key}/{name}:0": var for layer in self.layers.values() for name, var in layer.named.items()}
+
+    def param_shapes(self) -> dict:
+        return {key: tuple(var.shape) for key, var in self.param_vars().items()}
+
+    def get_params(self) -> dict:
+        """Numpy copies of all parameters (moving statistics averaged over replicas)."""
+        return {key: np.asarray(var.numpy()) for key, var in self.param_vars().items()}
+
+    def set_params(self, params: Mapping[str, np.ndarray]) -> None:
+        """Assign a params dict; a dict for another architecture names its first misfits."""
+        check_params(self.param_shapes(), params, what=self.arch)
+        for key, var in self.param_vars().items():
+            var.assign(np.asarray(params[key], np.float32))
+
+    # === Widths and complexity ===
+    def prunable_groups(self) -> dict:
+        return {k: g for k, g in self.groups.items() if g.prunable}
+
+    def widths(self) -> dict:
+        """Active channels of every prunable group: the width spec of the current masks."""
+        return {k: g.active() for k, g in self.prunable_groups().items()}
+
+    def reset_masks(self) -> None:
+        for group in self.groups.values():
+            group.reset()
+
+    def cost(self, widths: Mapping[str, int] | None = None) -> complexity.Cost:
+        """Params and FLOPs (both conventions) for `widths` (default: the current masks)."""
+        return complexity.net_cost(self.layers.values(), complexity.width_fn_from(widths))
+
+    def spec(self) -> dict:
+        """Everything needed to rebuild this architecture: arch, config and widths."""
+        return {"arch": self.arch, "config": dict(self.config), "widths": self.widths()}
+
+    def widths_from_shapes(self, shapes: Mapping[str, tuple]) -> dict:
+        """Infer the width spec implied by stored parameter shapes (EKG pickles carry no spec)."""
+        widths = {}
+        for layer in self.layers.values():
+            names = {n: tuple(shapes[f"{layer.key}/{n}:0"]) for n in layer.named if f"{layer.key}/{n}:0" in shapes}
+            if len(names) != len(layer.named):
+                continue  # check_params will name the missing key
+            for key, width in layer.infer_widths(names).items():
+                if self.groups[key].prunable:
+                    widths.setdefault(key, int(width))
+        return widths

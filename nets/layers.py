@@ -1,0 +1,294 @@
+"""Masked layers written with plain TensorFlow ops on `tf.Module`s.
+
+Each layer receives its input and output `ChannelGroup` when it is built. A masked layer
+multiplies masks into its *parameters* (kernel, bias, BN gamma/beta), never into activations:
+an output channel whose kernel column, bias, gamma and beta are all zero is exactly zero after
+BatchNorm, in training and in inference mode, so the masked net computes what the slimmed net
+computes at the cost of a few parameter-sized multiplies. Layers whose groups are all unmasked
+run no mask op at all.
+
+Parameter names follow the EKG reference pickles: `<scope>/kernel:0`, `<scope>/biases:0`,
+`<scope>/gamma:0`, `<scope>/beta:0`, `<scope>/moving_mean:0`, `<scope>/moving_variance:0`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from nets import complexity
+from nets.groups import ChannelGroup, MaskOptions
+
+_EPS = 1e-12
+
+
+def _out_size(size: int, kernel: int, stride: int, padding: str) -> int:
+    if padding == "SAME":
+        return math.ceil(size / stride)
+    return math.ceil((size - kernel + 1) / stride)
+
+
+def he_fan_out(shape) -> np.ndarray:
+    """VarianceScaling(scale=2, mode='fan_out', truncated normal): the reference's conv init."""
+    fan_out = shape[0] * shape[1] * shape[3]
+    std = math.sqrt(2.0 / fan_out) / 0.87962566103423978
+    return tf.random.truncated_normal(shape, stddev=std).numpy()
+
+
+class Layer(tf.Module):
+    """Base of the masked layers: a scope key, named variables and slicing."""
+
+    def __init__(self, key: str, options: MaskOptions | None):
+        super().__init__(name="".join(c if c.isalnum() else "_" for c in key))
+        self.key = key
+        self.options = options
+        self.named = {}  # parameter name -> tf.Variable, in pickle order
+
+    def _var(self, name, value, trainable=True, on_read=False):
+        kwargs = {}
+        if on_read:
+            # Each replica updates its own moving statistics; reading them averages replicas.
+            kwargs = dict(
+                synchronization=tf.VariableSynchronization.ON_READ,
+                aggregation=tf.VariableAggregation.MEAN,
+            )
+        var = tf.Variable(tf.cast(value, tf.float32), trainable=trainable, name=name, **kwargs)
+        self.named[name] = var
+        return var
+
+    def groups(self) -> tuple:
+        """The channel groups this layer touches."""
+        raise NotImplementedError
+
+    def cost(self, width) -> complexity.Cost:
+        raise NotImplementedError
+
+    def infer_widths(self, shapes: dict) -> dict:
+        """Channel counts of this layer's groups implied by stored parameter shapes."""
+        raise NotImplementedError
+
+    def sliced(self) -> dict:
+        """Numpy parameters of the slimmed layer: kept channels gathered, renorm baked in."""
+        raise NotImplementedError
+
+    def _renorm_scale(self, full: np.ndarray, kept: np.ndarray) -> float:
+        if self.options is None or float(self.options.renorm.numpy()) < 0.5:
+            return 1.0
+        return float(np.linalg.norm(full) / max(np.linalg.norm(kept), _EPS))
+
+    def _masked_kernel(self, kernel, mask):
+        """kernel * mask, rescaled to the full kernel's norm when `options.renorm` is on."""
+        masked = kernel * mask
+        if self.options is None:
+            return masked
+        scale = tf.norm(kernel) / tf.maximum(tf.norm(masked), _EPS)
+        return masked * (1.0 + self.options.renorm * (scale - 1.0))
+
+
+class Conv2d(Layer):
+    """2-D convolution from `in_group` channels to `out_group` channels.
+
+    Args:
+        key: scope of the parameters (`"BasicBlock0.0/conv1"`).
+        in_group, out_group: the ChannelGroups of the input and output channels.
+        kernel_size: int or (kh, kw).
+        in_hw: spatial size of the input, used for complexity without running the model.
+        strides, padding, use_bias: as in `tf.nn.conv2d`.
+        options: the net's MaskOptions (None for an ordinary, unmasked net).
+    """
+
+    def __init__(self, key, in_group: ChannelGroup, out_group: ChannelGroup, kernel_size, in_hw,
+                 strides=1, padding="SAME", use_bias=False, options=None):
+        super().__init__(key, options)
+        self.in_group, self.out_group = in_group, out_group
+        self.kernel_size = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        self.strides, self.padding, self.use_bias = int(strides), padding, use_bias
+        self.out_hw = tuple(_out_size(s, k, self.strides, padding) for s, k in zip(in_hw, self.kernel_size))
+        shape = [*self.kernel_size, in_group.size, out_group.size]
+        self.kernel = self._var("kernel", he_fan_out(shape))
+        self.biases = self._var("biases", tf.zeros([1, 1, 1, out_group.size])) if use_bias else None
+        self._masked = in_group.masked or out_group.masked
+        if not self._masked:
+            self.options = None
+
+    def groups(self):
+        return (self.in_group, self.out_group)
+
+    def __call__(self, x):
+        kernel, biases = self.kernel, self.biases
+        if self._masked:
+            mask = 1.0
+            if self.in_group.masked:
+                mask = mask * tf.reshape(self.in_group.mask, [1, 1, -1, 1])
+            if self.out_group.masked:
+                out_mask = tf.reshape(self.out_group.mask, [1, 1, 1, -1])
+                mask = mask * out_mask
+                biases = None if biases is None else biases * out_mask
+            kernel = self._masked_kernel(kernel, mask)
+        y = tf.nn.conv2d(x, kernel, self.strides, self.padding)
+        return y if biases is None else y + biases
+
+    def cost(self, width):
+        return complexity.conv_cost(self.out_hw, self.kernel_size, width(self.in_group),
+                                    width(self.out_group), self.use_bias)
+
+    def infer_widths(self, shapes):
+        return {self.in_group.key: shapes["kernel"][2], self.out_group.key: shapes["kernel"][3]}
+
+    def sliced(self):
+        full = self.kernel.numpy()
+        kernel = full[:, :, self.in_group.kept()][:, :, :, self.out_group.kept()]
+        out = {"kernel": kernel * self._renorm_scale(full, kernel)}
+        if self.use_bias:
+            out["biases"] = self.biases.numpy()[..., self.out_group.kept()]
+        return out
+
+
+class DepthwiseConv2d(Layer):
+    """Depthwise convolution (multiplier 1): its input and output are one group."""
+
+    def __init__(self, key, group: ChannelGroup, kernel_size, in_hw, strides=1, padding="SAME",
+                 use_bias=False, options=None):
+        super().__init__(key, options)
+        self.group = group
+        self.kernel_size = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        self.strides, self.padding, self.use_bias = int(strides), padding, use_bias
+        self.out_hw = tuple(_out_size(s, k, self.strides, padding) for s, k in zip(in_hw, self.kernel_size))
+        shape = [*self.kernel_size, group.size, 1]
+        fan_in = self.kernel_size[0] * self.kernel_size[1]
+        self.kernel = self._var("kernel", tf.random.truncated_normal(shape, stddev=math.sqrt(2.0 / fan_in) / 0.8796))
+        self.biases = self._var("biases", tf.zeros([1, 1, 1, group.size])) if use_bias else None
+        if not group.masked:
+            self.options = None
+
+    def groups(self):
+        return (self.group,)
+
+    def __call__(self, x):
+        kernel, biases = self.kernel, self.biases
+        if self.group.masked:
+            mask = tf.reshape(self.group.mask, [1, 1, -1, 1])
+            kernel = self._masked_kernel(kernel, mask)
+            biases = None if biases is None else biases * tf.reshape(mask, [1, 1, 1, -1])
+        y = tf.nn.depthwise_conv2d(x, kernel, [1, self.strides, self.strides, 1], self.padding)
+        return y if biases is None else y + biases
+
+    def cost(self, width):
+        c = width(self.group)
+        return complexity.conv_cost(self.out_hw, self.kernel_size, c, c, self.use_bias, depthwise=True)
+
+    def infer_widths(self, shapes):
+        return {self.group.key: shapes["kernel"][2]}
+
+    def sliced(self):
+        full = self.kernel.numpy()
+        kernel = full[:, :, self.group.kept()]
+        out = {"kernel": kernel * self._renorm_scale(full, kernel)}
+        if self.use_bias:
+            out["biases"] = self.biases.numpy()[..., self.group.kept()]
+        return out
+
+
+class FC(Layer):
+    """Dense layer. `spatial` > 1 means the input is a flattened H*W*C map of `in_group`.
+
+    Flattening is channel-last, so input feature `s * C + c` belongs to channel `c`.
+    """
+
+    def __init__(self, key, in_group: ChannelGroup, out_group: ChannelGroup, spatial=1, use_bias=True,
+                 stddev=0.01, options=None):
+        super().__init__(key, options)
+        self.in_group, self.out_group, self.spatial, self.use_bias = in_group, out_group, int(spatial), use_bias
+        shape = [in_group.size * self.spatial, out_group.size]
+        self.kernel = self._var("kernel", tf.random.normal(shape, stddev=stddev))
+        self.biases = self._var("biases", tf.zeros([1, out_group.size])) if use_bias else None
+        self._masked = in_group.masked or out_group.masked
+        if not self._masked:
+            self.options = None
+
+    def groups(self):
+        return (self.in_group, self.out_group)
+
+    def _in_index(self, kept: np.ndarray) -> np.ndarray:
+        c = self.in_group.size
+        return (np.arange(self.spatial)[:, None] * c + kept[None, :]).reshape([-1])
+
+    def __call__(self, x):
+        kernel, biases = self.kernel, self.biases
+        if self._masked:
+            mask = 1.0
+            if self.in_group.masked:
+                mask = mask * tf.reshape(tf.tile(self.in_group.mask, [self.spatial]), [-1, 1])
+            if self.out_group.masked:
+                out_mask = tf.reshape(self.out_group.mask, [1, -1])
+                mask = mask * out_mask
+                biases = None if biases is None else biases * out_mask
+            kernel = self._masked_kernel(kernel, mask)
+        y = tf.matmul(x, kernel)
+        return y if biases is None else y + biases
+
+    def cost(self, width):
+        return complexity.dense_cost(width(self.in_group) * self.spatial, width(self.out_group), self.use_bias)
+
+    def infer_widths(self, shapes):
+        return {self.in_group.key: shapes["kernel"][0] // self.spatial, self.out_group.key: shapes["kernel"][1]}
+
+    def sliced(self):
+        full = self.kernel.numpy()
+        kernel = full[self._in_index(self.in_group.kept())][:, self.out_group.kept()]
+        out = {"kernel": kernel * self._renorm_scale(full, kernel)}
+        if self.use_bias:
+            out["biases"] = self.biases.numpy()[:, self.out_group.kept()]
+        return out
+
+
+class BatchNorm(Layer):
+    """Batch normalisation of the reference: momentum 0.9, epsilon 1e-5, [1,1,1,C] tensors.
+
+    `training=True` normalises with batch statistics and updates the moving statistics
+    (unless `options.freeze_bn` is on); `training=False` uses the moving statistics.
+    """
+
+    def __init__(self, key, group: ChannelGroup, hw=(1, 1), rank=4, momentum=0.9, epsilon=1e-5,
+                 gamma_init=1.0, options=None):
+        super().__init__(key, options)
+        self.group, self.hw, self.momentum, self.epsilon = group, tuple(hw), momentum, epsilon
+        shape = [1] * (rank - 1) + [group.size]
+        self.axes = list(range(rank - 1))
+        self.gamma = self._var("gamma", tf.fill(shape, float(gamma_init)))
+        self.beta = self._var("beta", tf.zeros(shape))
+        self.moving_mean = self._var("moving_mean", tf.zeros(shape), trainable=False, on_read=True)
+        self.moving_variance = self._var("moving_variance", tf.ones(shape), trainable=False, on_read=True)
+        if not group.masked:
+            self.options = None
+
+    def groups(self):
+        return (self.group,)
+
+    def __call__(self, x, training=False):
+        gamma, beta = self.gamma, self.beta
+        if self.group.masked:
+            mask = tf.reshape(self.group.mask, gamma.shape)
+            gamma, beta = gamma * mask, beta * mask
+        if training:
+            mean, var = tf.nn.moments(x, self.axes, keepdims=True)
+            rate = 1.0 - self.momentum
+            if self.options is not None:
+                rate = rate * (1.0 - self.options.freeze_bn)
+            self.moving_mean.assign_sub((self.moving_mean - mean) * rate)
+            self.moving_variance.assign_sub((self.moving_variance - var) * rate)
+        else:
+            mean, var = self.moving_mean, self.moving_variance
+        return tf.nn.batch_normalization(x, mean, var, beta, gamma, self.epsilon)
+
+    def cost(self, width):
+        return complexity.bn_cost(self.hw, width(self.group))
+
+    def infer_widths(self, shapes):
+        return {self.group.key: shapes["gamma"][-1]}
+
+    def sliced(self):
+        kept = self.group.kept()
+        return {name: var.numpy()[..., kept] for name, var in self.named.items()}

@@ -1,0 +1,118 @@
+"""ResNets with the EKG reference's variable names, shapes and conventions.
+
+CIFAR ResNet-20/32/56/110: 3x3 stem to 16 channels, three stages of basic blocks (16/32/64,
+strides 1/2/2). ImageNet ResNet-18/34 (basic blocks) and ResNet-50 (bottlenecks, x4): 7x7/2 stem
+and 3x3/2 max-pool. Every block is conv1 (carries the stride) - BN - ReLU - conv2 - BN (gamma
+initialised to 0) - add shortcut - ReLU; bottlenecks put a 1x1 conv0 - BN - ReLU in front.
+The shortcut is a 1x1 projection conv + BN ("option B") whenever the stride or the width changes.
+
+Channel groups, declared below:
+* `stem`: the stem's output, which is also the residual stream of every stage that starts
+  without a projection (stage 0 of the CIFAR nets and of ResNet-18/34);
+* `stage{i}`: the residual stream that stage i's projection shortcut opens; every block's
+  last conv and BN of that stage write into it, so they are kept or removed together;
+* `BasicBlock{i}.{j}/conv1` (and `/conv0`): a block's internal widths.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from nets.base import Net
+from nets.registry import register
+
+_CIFAR = {"depths": (16, 32, 64), "strides": (1, 2, 2)}
+_IMAGENET = {"depths": (64, 128, 256, 512), "strides": (1, 2, 2, 2)}
+
+
+class ResNet(Net):
+    """ResNet of the EKG reference.
+
+    Args:
+        arch: registry name.
+        blocks: number of blocks per stage.
+        bottleneck: use 1x1-3x3-1x1 blocks with expansion 4 (ResNet-50).
+        imagenet_stem: 7x7/2 conv and 3x3/2 max-pool instead of a 3x3 conv.
+        num_classes, input_size: classifier width and the (square) input size.
+        widths, masked: see `Net`.
+    """
+
+    def __init__(self, arch, blocks, bottleneck=False, imagenet_stem=False, num_classes=10,
+                 input_size=32, widths=None, masked=True):
+        config = dict(blocks=list(blocks), bottleneck=bottleneck, imagenet_stem=imagenet_stem,
+                      num_classes=num_classes, input_size=input_size)
+        super().__init__(arch, config, widths, masked)
+        plan = _IMAGENET if imagenet_stem else _CIFAR
+        expansion = 4 if bottleneck else 1
+        self.imagenet_stem = imagenet_stem
+
+        # === Stem ===
+        hw = (input_size, input_size)
+        image = self.group("input", 3, prunable=False)
+        stream = self.group("stem", plan["depths"][0])
+        self.stem = self.conv("conv", image, stream, 7 if imagenet_stem else 3, hw,
+                              strides=2 if imagenet_stem else 1)
+        hw = self.stem.out_hw
+        self.stem_bn = self.bn("bn", stream, hw)
+        if imagenet_stem:
+            hw = tuple((s + 1) // 2 for s in hw)  # 3x3/2 max-pool, SAME padding
+
+        # === Stages ===
+        self.blocks = []
+        in_depth = plan["depths"][0]
+        for i, (count, depth, stride) in enumerate(zip(blocks, plan["depths"], plan["strides"])):
+            for j in range(count):
+                name = f"BasicBlock{i}.{j}/"
+                s = stride if j == 0 else 1
+                block = {}
+                # Full widths decide the structure; a width spec only shrinks groups.
+                if s > 1 or depth * expansion != in_depth:
+                    new_stream = self.group(f"stage{i}", depth * expansion)
+                    block["conv3"] = self.conv(name + "conv3", stream, new_stream, 1, hw, strides=s)
+                    block["bn3"] = self.bn(name + "bn3", new_stream, block["conv3"].out_hw)
+                else:
+                    new_stream = stream
+                x_group, x_hw = stream, hw
+                if bottleneck:
+                    inner0 = self.group(name + "conv0", depth)
+                    block["conv0"] = self.conv(name + "conv0", x_group, inner0, 1, x_hw)
+                    block["bn0"] = self.bn(name + "bn0", inner0, x_hw)
+                    x_group = inner0
+                inner = self.group(name + "conv1", depth)
+                block["conv1"] = self.conv(name + "conv1", x_group, inner, 3, x_hw, strides=s)
+                out_hw = block["conv1"].out_hw
+                block["bn1"] = self.bn(name + "bn1", inner, out_hw)
+                block["conv2"] = self.conv(name + "conv2", inner, new_stream, 1 if bottleneck else 3, out_hw)
+                block["bn2"] = self.bn(name + "bn2", new_stream, out_hw, gamma_init=0.0)
+                self.blocks.append(block)
+                stream, hw, in_depth = new_stream, out_hw, depth * expansion
+
+        # === Head ===
+        self.fc_layer = self.fc("fc", stream, self.group("logits", num_classes, prunable=False))
+        self._check_widths_used()
+
+    def forward(self, x, training):
+        x = tf.nn.relu(self.stem_bn(self.stem(x), training))
+        if self.imagenet_stem:
+            x = tf.nn.max_pool2d(x, 3, 2, "SAME")
+        for block in self.blocks:
+            if "conv3" in block:
+                shortcut = block["bn3"](block["conv3"](x), training)
+            else:
+                shortcut = x
+            y = x
+            if "conv0" in block:
+                y = tf.nn.relu(block["bn0"](block["conv0"](y), training))
+            y = tf.nn.relu(block["bn1"](block["conv1"](y), training))
+            y = block["bn2"](block["conv2"](y), training)
+            x = tf.nn.relu(y + shortcut)
+        x = tf.reduce_mean(x, [1, 2])
+        return self.fc_layer(x)
+
+
+for _depth in (20, 32, 56, 110):
+    register(f"ResNet-{_depth}", ResNet, blocks=[(_depth - 2) // 6] * 3)
+register("ResNet-18", ResNet, blocks=[2, 2, 2, 2], imagenet_stem=True, num_classes=1000, input_size=224)
+register("ResNet-34", ResNet, blocks=[3, 4, 6, 3], imagenet_stem=True, num_classes=1000, input_size=224)
+register("ResNet-50", ResNet, blocks=[3, 4, 6, 3], bottleneck=True, imagenet_stem=True, num_classes=1000,
+         input_size=224)

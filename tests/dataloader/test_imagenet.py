@@ -1,0 +1,202 @@
+"""ImageNet from TFRecord shards: order, labels, crops, sharding and bad shards."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dataloader import ImageNet, build_dataset
+from dataloader.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from tests.dataloader import fakes
+from utils.errors import ConfigError, DataError
+
+SMALL = {"image_size": 32, "resize_size": 36}
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory):
+    # 3 training shards x 5 records, 2 validation shards x 4 records, 40x50 / 50x40 JPEGs.
+    return fakes.write_imagenet(tmp_path_factory.mktemp("imagenet"))
+
+
+@pytest.fixture(scope="module")
+def dataset(fake):
+    return ImageNet(fake.path, num_train=None, num_test=None, **SMALL)
+
+
+def _batches(ds):
+    return [tuple(t.numpy() for t in batch) for batch in ds]
+
+
+def _write_shard(path, images, labels):
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for image, label in zip(images, labels):
+            writer.write(fakes.imagenet_example(image, label))
+
+
+def _normalised(rgb):
+    return (np.asarray(rgb, np.float32) - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+
+
+def test_info_counts_records_when_asked_and_defaults_otherwise(dataset, fake):
+    info = dataset.info
+    assert (info.num_train, info.num_test) == (15, 8)
+    assert info.image_shape == (32, 32, 3) and info.num_classes == 1000
+    default = build_dataset("ImageNet", fake.path).info
+    assert (default.num_train, default.num_test, default.image_shape) == (1281167, 50000, (224, 224, 3))
+
+
+def test_test_pipeline_is_in_shard_order_with_zero_based_labels(dataset, fake):
+    batches = _batches(dataset.test(3))
+    assert [len(y) for _, y in batches] == [3, 3, 2]
+    images = np.concatenate([x for x, _ in batches])
+    labels = np.concatenate([y for _, y in batches])
+    assert images.shape == (8, 32, 32, 3) and images.dtype == np.float32
+    assert labels.dtype == np.int32
+    np.testing.assert_array_equal(labels, fake.test.labels)
+
+
+def test_train_eval_yields_running_indices(dataset, fake):
+    batches = _batches(dataset.train_eval(4))
+    images, labels, index = (np.concatenate(parts) for parts in zip(*batches))
+    assert index.dtype == np.int64
+    np.testing.assert_array_equal(index, np.arange(15))
+    np.testing.assert_array_equal(labels, fake.train.labels)
+    assert images.shape == (15, 32, 32, 3)
+
+
+def test_eval_crop_is_centred_and_normalised(tmp_path):
+    image = np.zeros((40, 50, 3), np.uint8)
+    image[:, 25:] = 200  # dark left half, bright right half
+    uniform = np.full((50, 40, 3), (10, 120, 240), np.uint8)
+    _write_shard(tmp_path / "validation-00000-of-00001", [image, uniform], [1, 1000])
+    dataset = ImageNet(tmp_path, **SMALL)
+    (images, labels), = _batches(dataset.test(2))
+    np.testing.assert_array_equal(labels, [0, 999])
+    dark, bright = _normalised([0, 0, 0]), _normalised([200, 200, 200])
+    np.testing.assert_allclose(images[0, :, :14], np.broadcast_to(dark, (32, 14, 3)), atol=0.1)
+    np.testing.assert_allclose(images[0, :, 18:], np.broadcast_to(bright, (32, 14, 3)), atol=0.1)
+    np.testing.assert_allclose(images[1], np.broadcast_to(_normalised([10, 120, 240]), (32, 32, 3)), atol=0.1)
+
+
+def test_label_offset_is_a_constructor_argument(fake):
+    labels = np.concatenate([y for _, y in ImageNet(fake.path, label_offset=0, **SMALL).test(8)])
+    np.testing.assert_array_equal(labels, fake.test.labels + 1)
+
+
+def test_train_is_deterministic_per_seed_and_epoch(fake):
+    first = _batches(ImageNet(fake.path, num_train=15, **SMALL).train(4, epoch=1, seed=3))
+    try:
+        tf.random.set_seed(99)  # the global seed must not matter
+        second = _batches(ImageNet(fake.path, num_train=15, **SMALL).train(4, epoch=1, seed=3))
+    finally:
+        tf.random.set_seed(None)
+    assert len(first) == len(second) == 15 // 4
+    for (x1, y1), (x2, y2) in zip(first, second):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+    x, y = first[0]
+    assert x.shape == (4, 32, 32, 3) and x.dtype == np.float32 and y.dtype == np.int32
+    assert np.isfinite(x).all()
+
+
+def test_other_epoch_changes_order_or_crops(dataset):
+    e0 = _batches(dataset.train(15, epoch=0, seed=1))[0]
+    e1 = _batches(dataset.train(15, epoch=1, seed=1))[0]
+    assert sorted(e0[1]) == sorted(e1[1])  # the same 15 examples...
+    assert not np.array_equal(e0[1], e1[1])  # ...in another order
+
+
+def test_random_resized_crop_of_a_uniform_image_stays_uniform(tmp_path):
+    uniform = [np.full((40, 50, 3), (30, 60, 90), np.uint8)] * 6
+    _write_shard(tmp_path / "train-00000-of-00001", uniform, [5] * 6)
+    dataset = ImageNet(tmp_path, **SMALL)
+    (images, labels), = _batches(dataset.train(6, 0, 0))
+    np.testing.assert_array_equal(labels, [4] * 6)
+    np.testing.assert_allclose(images, np.broadcast_to(_normalised([30, 60, 90]), images.shape), atol=0.1)
+
+
+def test_file_sharding_gives_every_worker_the_same_step_count(dataset):
+    steps = dataset.steps_per_epoch(2, num_shards=2)  # 15 // 4 = 3
+    counts = [len(_batches(dataset.train(2, 0, 1, num_shards=2, shard_index=i))) for i in (0, 1)]
+    assert counts == [steps, steps] == [3, 3]
+
+
+def test_more_workers_than_files_falls_back_to_record_sharding(dataset, fake):
+    # 4 workers, 3 files: every worker reads every file and keeps records i::4.
+    labels = [
+        np.concatenate([y for _, y in dataset.train(1, 0, 1, augment=False, num_shards=4, shard_index=i)])
+        for i in range(4)
+    ]
+    assert [len(v) for v in labels] == [15 // 4] * 4
+    assert len(set(np.concatenate(labels).tolist())) > 1
+
+
+# ----- bad inputs -----------------------------------------------------------------------
+def test_missing_folder_and_no_data_path(tmp_path):
+    with pytest.raises(DataError, match="absent"):
+        ImageNet(tmp_path / "absent")
+    with pytest.raises(DataError, match="--data_path"):
+        build_dataset("imagenet")
+
+
+def test_folder_without_shards_names_folder_and_patterns(tmp_path):
+    (tmp_path / "readme.txt").write_text("no shards here")
+    with pytest.raises(DataError, match=rf"{tmp_path}.*train-\*-of-\*.*validation-\*-of-\*"):
+        ImageNet(tmp_path)
+
+
+def test_split_without_shards(tmp_path, fake):
+    _write_shard(tmp_path / "validation-00000-of-00001", [np.zeros((8, 8, 3), np.uint8)], [1])
+    dataset = ImageNet(tmp_path, **SMALL)
+    with pytest.raises(DataError, match=rf"{tmp_path}.*train-\*-of-\*"):
+        dataset.train(1, 0, 0)
+
+
+def test_truncated_shard_is_named(tmp_path, fake):
+    for name, path in fake.files.items():
+        (tmp_path / name).write_bytes(path.read_bytes())
+    bad = tmp_path / "train-00001-of-00003"
+    bad.write_bytes(bad.read_bytes()[:100])
+    dataset = ImageNet(tmp_path, **SMALL)
+    dataset.check_shards("test")  # the validation shards are fine
+    with pytest.raises(DataError, match="train-00001-of-00003.*truncated"):
+        dataset.check_shards()
+    with pytest.raises(DataError, match="train-00001-of-00003"):
+        dataset.train_eval(4)  # checked before the pipeline is built
+    with pytest.raises(DataError, match="train-00001-of-00003.*truncated"):
+        dataset.count_records("train")
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        (b"", "holds no records"),
+        (b"not a tf.train.Example", "not an ImageNet tf.train.Example"),
+    ],
+)
+def test_bad_first_record_is_named(tmp_path, record, message):
+    path = tmp_path / "validation-00000-of-00001"
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        if record:
+            writer.write(record)
+    with pytest.raises(DataError, match=f"validation-00000-of-00001.*{message}"):
+        ImageNet(tmp_path).check_shards()
+
+
+def test_bad_jpeg_and_label_are_named(tmp_path):
+    path = tmp_path / "validation-00000-of-00001"
+    example = tf.train.Example(features=tf.train.Features(feature={
+        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"not a jpeg"])),
+        "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[3])),
+    }))
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        writer.write(example.SerializeToString())
+    with pytest.raises(DataError, match="validation-00000-of-00001.*not a valid JPEG"):
+        ImageNet(tmp_path).check_shards()
+    _write_shard(path, [np.zeros((8, 8, 3), np.uint8)], [0])  # 0 - offset 1 = -1
+    with pytest.raises(DataError, match=r"validation-00000-of-00001.*label 0 minus offset 1"):
+        ImageNet(tmp_path).test(1)
+
+
+def test_too_large_a_batch_for_the_workers(dataset):
+    with pytest.raises(ConfigError, match="exceeds the 15 training examples"):
+        dataset.train(8, 0, 0, num_shards=2)

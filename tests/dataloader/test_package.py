@@ -1,0 +1,90 @@
+"""The package surface: the factory, the restricted unpickler, seeds and import rules."""
+import ast
+import pathlib
+import pickle
+import sys
+
+import numpy as np
+import pytest
+
+import dataloader
+from dataloader import Cifar, ImageNet, Mnist, build_dataset, seeds
+from dataloader.safe_pickle import load_pickle
+from tests.dataloader import fakes
+from utils.errors import ConfigError, DataError
+
+PACKAGE = pathlib.Path(dataloader.__file__).parent
+
+
+@pytest.mark.parametrize(
+    "name, writer, cls",
+    [("Cifar10", fakes.write_cifar10, Cifar), ("CIFAR100", fakes.write_cifar100, Cifar),
+     ("MNIST", fakes.write_mnist, Mnist), (" imagenet ", fakes.write_imagenet, ImageNet)],
+)
+def test_factory_names_are_case_insensitive(tmp_path, name, writer, cls):
+    fake = writer(tmp_path)
+    dataset = build_dataset(name, fake.path)
+    assert isinstance(dataset, cls) and isinstance(dataset, dataloader.Dataset)
+    assert dataset.info.name == name.strip().lower()
+
+
+def test_factory_passes_options(tmp_path):
+    fake = fakes.write_imagenet(tmp_path)
+    assert build_dataset("imagenet", fake.path, image_size=64, resize_size=72).info.image_shape == (64, 64, 3)
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="svhn.*cifar10, cifar100, imagenet, mnist"):
+        build_dataset("svhn")
+
+
+def test_info_is_frozen(tmp_path):
+    info = build_dataset("mnist", fakes.write_mnist(tmp_path).path).info
+    with pytest.raises(AttributeError):
+        info.num_train = 3
+
+
+def test_unpickler_admits_numpy_arrays_and_scalars():
+    obj = {b"a": np.arange(6, dtype=np.uint8).reshape(2, 3), b"s": np.float32(1.5), b"l": [1, 2]}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        loaded = load_pickle(fakes.py2_pickle(obj, module), "x.pkl")
+        np.testing.assert_array_equal(loaded[b"a"], obj[b"a"])
+        assert loaded[b"s"] == np.float32(1.5) and loaded[b"l"] == [1, 2]
+
+
+@pytest.mark.parametrize("forbidden", [pickle.loads, sys.exit, np.load])
+def test_unpickler_refuses_other_globals(forbidden):
+    data = pickle.dumps(forbidden, protocol=2)
+    with pytest.raises(DataError, match=f"bad.pkl: refusing.*{forbidden.__name__}"):
+        load_pickle(data, "bad.pkl")
+
+
+def test_seeds_are_pure_and_distinct():
+    assert seeds.epoch_key(1, 2) == seeds.epoch_key(1, 2)
+    assert len({seeds.epoch_key(1, 2), seeds.epoch_key(2, 1), seeds.epoch_key(1, 3)}) == 3
+    assert 0 <= seeds.epoch_key(-5, 0) < 2**63
+    np.testing.assert_array_equal(seeds.permutation(4, 1, 10), seeds.permutation(4, 1, 10))
+    assert sorted(seeds.permutation(4, 1, 10)) == list(range(10))
+
+
+_ALLOWED_IMPORTS = {"numpy", "tensorflow", "utils", "dataloader"}
+
+
+def test_package_imports_only_utils_numpy_tensorflow_and_stdlib():
+    for path in PACKAGE.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                assert top in _ALLOWED_IMPORTS or top in sys.stdlib_module_names, (path.name, name)
+
+
+def test_files_stay_small():
+    for path in PACKAGE.glob("*.py"):
+        assert len(path.read_text().splitlines()) <= 300, path.name

@@ -1,0 +1,90 @@
+"""Properties every registered net must have (parametrised over the registry)."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import nets
+from tests.nets.helpers import input_for, random_masks, randomise, small_net
+from utils.params_io import load_params, save_params
+
+ARCHS = nets.list_archs()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_output_shape(arch):
+    net = small_net(arch)
+    x = input_for(net)
+    classes = net.groups["logits"].size
+    assert net(x, training=False).shape == (2, classes)
+    assert net(x, training=True).shape == (2, classes)
+
+
+def assert_same_outputs(small, net, x, what):
+    # Tolerances are relative to the output scale: renormalised kernels of one-channel groups
+    # legitimately blow activations up, and float32 rounding grows with them.
+    scale = max(1.0, float(np.max(np.abs(net(x)))))
+    np.testing.assert_allclose(small(x), net(x), atol=1e-4 * scale, err_msg=what)
+    # Batch statistics of a one-channel group over a 2x2 map amplify the rounding of
+    # differently blocked convolutions, so training mode also gets a relative tolerance.
+    np.testing.assert_allclose(small(x, training=True), net(x, training=True), atol=1e-4 * scale, rtol=1e-3,
+                               err_msg=what + " training=True")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_masked_equals_slimmed(arch):
+    net = small_net(arch)
+    randomise(net)
+    groups = list(net.prunable_groups())
+    x = input_for(net, batch=4)
+    # Random masks everywhere, then masks that empty all but one channel of a group; the EKG
+    # kernel renormalisation on for the last two.
+    for seed, single, renorm in [(1, None, False), (2, groups[len(groups) // 2], True), (3, groups[-1], True)]:
+        random_masks(net, seed=seed, single=single)
+        net.options.set(renorm=renorm)
+        small = nets.slim(net)
+        assert small.widths() == net.widths()
+        assert not small.masked and all(g.mask is None for g in small.groups.values())
+        assert_same_outputs(small, net, x, f"{arch} single={single} renorm={renorm}")
+        assert small.cost() == net.cost()
+        assert small.cost() == net.cost(net.widths())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_params_pickle_round_trip(arch, tmp_path):
+    net = small_net(arch)
+    randomise(net)
+    random_masks(net, seed=4)
+    small = nets.slim(net)
+    path = tmp_path / "trained_params.pkl"
+    save_params(path, small.get_params())
+    loaded = load_params(path)
+    assert set(loaded) == set(small.param_vars())
+    # The pickle alone (no width spec) rebuilds the slimmed architecture, as EKG pickles do.
+    rebuilt = nets.build_from_params(arch, loaded, **{k: v for k, v in net.config.items()
+                                                      if k in ("input_size", "num_classes")})
+    assert rebuilt.widths() == small.widths()
+    x = input_for(net)
+    np.testing.assert_allclose(rebuilt(x), small(x), atol=1e-5)
+    # ... and so does the spec.
+    from_spec = nets.build_from_spec(small.spec())
+    from_spec.set_params(loaded)
+    np.testing.assert_allclose(from_spec(x), small(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_traced_once_across_widths(arch):
+    net = small_net(arch)
+    traces = []
+
+    @tf.function
+    def forward(x):
+        traces.append(1)
+        return net(x, training=False)
+
+    x = tf.constant(input_for(net))
+    for seed in range(6):
+        random_masks(net, seed=seed)
+        net.options.set(renorm=seed % 2 == 0)
+        forward(x)
+    assert len(traces) == 1

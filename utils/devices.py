@@ -1,0 +1,105 @@
+"""Device set-up: logical CPU replicas and GPU selection.
+
+TensorFlow fixes its device list the first time it initialises its runtime (the first op,
+or the first ``list_logical_devices`` call). Both functions here change that list, so they
+belong at the very start of an entry script, before any model or dataset is built.
+"""
+from typing import List, Optional
+
+import tensorflow as tf
+
+from utils.errors import ConfigError
+
+
+def split_cpu(n: int) -> List[str]:
+    """Splits the first physical CPU into ``n`` logical devices.
+
+    This lets multi-replica code (MirroredStrategy with ``--num_replicas``) run on a
+    machine without GPUs.
+
+    Args:
+        n: The number of logical CPU devices wanted (>= 1).
+
+    Returns:
+        The names of all logical CPU devices, e.g. ``["/device:CPU:0", "/device:CPU:1"]``.
+
+    Raises:
+        ConfigError: If ``n`` < 1, or TensorFlow has already initialised its devices with
+            fewer than ``n`` logical CPUs (the split cannot be changed any more).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"--num_replicas must be a positive integer, got {n!r}")
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(n)]
+        )
+    except RuntimeError:
+        # Already initialised: fine as long as there are enough devices to run on.
+        have = tf.config.list_logical_devices("CPU")
+        if len(have) < n:
+            raise ConfigError(
+                f"cannot split the CPU into {n} devices: TensorFlow has already started "
+                f"with {len(have)}; --num_replicas must be set before TensorFlow "
+                "initialises its devices"
+            ) from None
+        return [device.name for device in have]
+    return [device.name for device in tf.config.list_logical_devices("CPU")]
+
+
+def _parse_gpu_ids(gpu_ids: str) -> List[int]:
+    ids: List[int] = []
+    for part in gpu_ids.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            gpu = int(part)
+        except ValueError:
+            raise ConfigError(
+                f"--gpu_id must be comma-separated GPU numbers like '0' or '0,1', got {gpu_ids!r}"
+            ) from None
+        if gpu in ids:
+            raise ConfigError(f"--gpu_id lists GPU {gpu} twice: {gpu_ids!r}")
+        ids.append(gpu)
+    return ids
+
+
+def visible_gpus(gpu_ids: Optional[str]) -> List[str]:
+    """Restricts TensorFlow to the GPUs given by a ``--gpu_id`` string.
+
+    Args:
+        gpu_ids: ``"0"``, ``"0,1"``, ... selects those GPUs; ``""`` hides all GPUs (like
+            ``CUDA_VISIBLE_DEVICES=""``); None leaves every GPU visible.
+
+    Returns:
+        The names of the visible logical GPU devices (empty on a CPU-only run).
+
+    Raises:
+        ConfigError: If an id is malformed, repeated or out of range, or if TensorFlow has
+            already initialised with a different set of GPUs.
+    """
+    physical = tf.config.list_physical_devices("GPU")
+    if gpu_ids is not None:
+        wanted = []
+        for gpu in _parse_gpu_ids(gpu_ids):
+            if not 0 <= gpu < len(physical):
+                raise ConfigError(
+                    f"--gpu_id {gpu} does not exist: this machine has {len(physical)} GPU(s)"
+                    + (f" (ids 0 to {len(physical) - 1})" if physical else "")
+                )
+            wanted.append(physical[gpu])
+        try:
+            tf.config.set_visible_devices(wanted, "GPU")
+        except RuntimeError:
+            if tf.config.get_visible_devices("GPU") != wanted:
+                raise ConfigError(
+                    f"cannot select GPUs {gpu_ids!r}: TensorFlow has already started; "
+                    "--gpu_id must be set before TensorFlow initialises its devices"
+                ) from None
+    return [device.name for device in tf.config.list_logical_devices("GPU")]
+
+
+def has_gpu() -> bool:
+    """Returns True if TensorFlow can see at least one physical GPU."""
+    return bool(tf.config.list_physical_devices("GPU"))
