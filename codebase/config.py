@@ -1,0 +1,149 @@
+"""The run configuration: one frozen dataclass, made once, saved with the run, never mutated.
+
+Precedence: dataclass defaults < the script's preset (CIFAR or ImageNet) < `--config FILE`
+(JSON) < command-line flags. Flag names are those of the EKG reference where they exist.
+`validate()` turns every out-of-range value into a one-line `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from typing import Optional, Sequence
+
+from utils.errors import ConfigError
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a run needs. See `--help` of the scripts for each field's meaning."""
+
+    arch: str = "ResNet-56"
+    dataset: str = "cifar10"
+    data_path: Optional[str] = None
+    train_path: str = "runs/resnet56_cifar10"
+    trained_param: Optional[str] = None
+    method: str = "none"
+    # Optimisation (train.py of the EKG reference, for training from scratch).
+    optimizer: str = "sgd"
+    learning_rate: float = 0.05
+    schedule: str = "step"
+    decay_points: tuple = (0.3, 0.6, 0.9)
+    decay_rate: float = 0.1
+    warmup_epochs: float = 0.0
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    batch_size: int = 128
+    val_batch_size: int = 250
+    train_epoch: int = 100
+    steps_per_epoch: Optional[int] = None  # default: one pass over the training set
+    # Engine.
+    gpu_id: Optional[str] = None
+    num_replicas: int = 1
+    accum: int = 1
+    compile: str = "auto"
+    seed: int = 0
+    do_log: int = 100
+    ckpt_every_steps: Optional[int] = None
+    resume: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    def validate(self) -> "Config":
+        """Raise ConfigError naming the first bad value; return self for chaining."""
+        positive = dict(learning_rate=self.learning_rate, batch_size=self.batch_size,
+                        val_batch_size=self.val_batch_size, train_epoch=self.train_epoch,
+                        num_replicas=self.num_replicas, accum=self.accum, do_log=self.do_log)
+        for name, value in positive.items():
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"--{name} must be positive, got {value!r}")
+        for name in ("steps_per_epoch", "ckpt_every_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name} must be positive, got {value!r}")
+        if not 0 <= self.weight_decay < 1:
+            raise ConfigError(f"--weight_decay must be in [0, 1), got {self.weight_decay}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if not 0 < self.decay_rate <= 1:
+            raise ConfigError(f"--decay_rate must be in (0, 1], got {self.decay_rate}")
+        points = list(self.decay_points)
+        if any(not 0 < p < 1 for p in points) or points != sorted(set(points)):
+            raise ConfigError(f"--decay_points must be increasing fractions in (0, 1), got {points}")
+        choices = dict(optimizer=("sgd", "adam"), schedule=("step", "cosine"),
+                       compile=("auto", "on", "off"))
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.batch_size % (self.num_replicas * self.accum):
+            raise ConfigError(f"--batch_size {self.batch_size} must be a multiple of "
+                              f"--num_replicas x --accum = {self.num_replicas * self.accum}")
+        if self.trained_param is not None and not os.path.isfile(self.trained_param):
+            raise ConfigError(f"--trained_param {self.trained_param} does not exist")
+        return self
+
+
+_HELP = {
+    "arch": "network, e.g. ResNet-56, ResNet-50, MobileNetV2, VGG-16",
+    "dataset": "cifar10, cifar100, imagenet or mnist",
+    "data_path": "dataset folder or archive (default: download through tf.keras.datasets)",
+    "train_path": "output folder: config.json, checkpoints, TensorBoard logs, trained_params.pkl",
+    "trained_param": "params pickle to start from ({'scope/var:0': ndarray}, EKG format)",
+    "method": "compression method to run (none = plain training; the registered methods are listed on error)",
+    "decay_points": "fractions of training at which the learning rate is multiplied by --decay_rate",
+    "steps_per_epoch": "optimizer steps per epoch (default: one pass over the training set)",
+    "gpu_id": "GPUs to use, e.g. '0' or '0,1' (default: all visible)",
+    "num_replicas": "on a CPU-only machine, split the CPU into this many replicas",
+    "accum": "micro-batches per step (gradient accumulation; equals the large batch)",
+    "compile": "XLA for the per-replica step: auto (on with a GPU, off on CPU), on or off",
+    "do_log": "steps between logged / TensorBoard step scalars",
+    "ckpt_every_steps": "also checkpoint every this many steps (default: every epoch)",
+    "resume": "continue the run in --train_path from its last checkpoint",
+}
+
+
+def _parser(defaults: Config, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="JSON file of config fields (flags override it)")
+    for field in dataclasses.fields(Config):
+        default = getattr(defaults, field.name)
+        flag, help_ = f"--{field.name}", _HELP.get(field.name, "") + f" (default: {default})"
+        if field.type == "bool" or isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif field.name == "decay_points":
+            parser.add_argument(flag, type=float, nargs="+", default=None, help=help_)
+        else:
+            kind = {"float": float, "int": int}.get(field.type.replace("Optional[", "").rstrip("]"), str)
+            parser.add_argument(flag, type=kind, default=None, help=help_)
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None, preset: Config = Config(), description: str = "") -> Config:
+    """Build the frozen config from a preset, an optional JSON file and the flags."""
+    args = vars(_parser(preset, description).parse_args(argv))
+    values = dataclasses.asdict(preset)
+    config_file = args.pop("config")
+    if config_file:
+        try:
+            with open(config_file) as f:
+                overlay = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"--config {config_file}: cannot read it ({err})") from None
+        unknown = sorted(set(overlay) - set(values))
+        if unknown:
+            raise ConfigError(f"--config {config_file}: unknown field {unknown[0]!r}")
+        values.update(overlay)
+    values.update({k: v for k, v in args.items() if v is not None})
+    values["decay_points"] = tuple(values["decay_points"])
+    return Config(**values).validate()
+
+
+def load_config(path: str) -> Config:
+    """Read a saved `config.json` back into a Config."""
+    with open(path) as f:
+        values = json.load(f)
+    values["decay_points"] = tuple(values["decay_points"])
+    return Config(**values)

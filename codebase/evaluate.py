@@ -1,0 +1,84 @@
+"""`test.py`: accuracy, loss, complexity and latency of a (possibly slimmed) params pickle."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from utils.errors import ConfigError
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Evaluate a params pickle.")
+    p.add_argument("--arch", default="ResNet-56")
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--data_path", default=None)
+    p.add_argument("--trained_param", required=True, help="params pickle ({'scope/var:0': ndarray})")
+    p.add_argument("--val_batch_size", type=int, default=250)
+    p.add_argument("--batch_size", type=int, default=1, help="batch size of the latency measurement")
+    p.add_argument("--latency_runs", type=int, default=20)
+    p.add_argument("--gpu_id", default=None)
+    p.add_argument("--num_replicas", type=int, default=1)
+    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"))
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    for name in ("val_batch_size", "batch_size", "latency_runs", "num_replicas"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} must be positive, got {getattr(args, name)}")
+    if not os.path.isfile(args.trained_param):
+        raise ConfigError(f"--trained_param {args.trained_param} does not exist")
+    return args
+
+
+def measure_latency(net, batch_size: int, input_shape, runs: int, xla: bool) -> float:
+    """Median milliseconds of a compiled inference forward pass at `batch_size`."""
+    import numpy as np
+    import tensorflow as tf
+
+    x = tf.random.normal([batch_size, *input_shape])
+    forward = tf.function(lambda images: net(images, training=False), jit_compile=xla)
+    forward(x).numpy()  # trace and warm up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        forward(x).numpy()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def evaluate(args) -> dict:
+    from codebase.context import load_net
+    from dataloader import build_dataset
+    from op_utils.strategy import make_strategy, resolve_xla
+    from op_utils.optim import SGD
+    from op_utils.trainer import Trainer
+
+    strategy = make_strategy(args.gpu_id, args.num_replicas)
+    xla = resolve_xla(args.compile)
+    data = build_dataset(args.dataset, args.data_path)
+    info = data.info
+    with strategy.scope():
+        net = load_net(args.arch, args.trained_param, num_classes=info.num_classes, input_size=info.image_shape[0])
+        trainer = Trainer(strategy, net, SGD(0.1), global_batch_size=args.num_replicas, xla=xla)
+    metrics = trainer.evaluate(data.test(args.val_batch_size))
+    cost = net.cost()
+    result = {
+        "arch": args.arch, "trained_param": args.trained_param,
+        "top1": float(metrics["top1"]), "top5": float(metrics["top5"]), "loss": float(metrics["loss"]),
+        "count": int(metrics["count"]),
+        "params": cost.params, "macs": cost.macs, "flops": cost.ekg_flops, "ekg_params": cost.ekg_params,
+        "flops_convention": "EKG (conv+FC MACs + BN)", "macs_convention": "conv+dense MACs",
+        "widths": net.widths(),
+        "latency_ms": measure_latency(net, args.batch_size, info.image_shape, args.latency_runs, xla),
+        "batch_size": args.batch_size, "device": "GPU" if "GPU" in strategy.extended.worker_devices[0] else "CPU",
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.arch} {args.trained_param}: top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}, "
+              f"loss {result['loss']:.4f} on {result['count']} test images")
+        print(cost.describe())
+        print(f"latency {result['latency_ms']:.2f} ms at batch {args.batch_size} on {result['device']}")
+    return result
