@@ -48,6 +48,16 @@ class Config:
     do_log: int = 100
     ckpt_every_steps: Optional[int] = None
     resume: bool = False
+    # Compression methods (EKG names; ignored by --method none).
+    baseline_epoch: int = 100  # training from scratch when no --trained_param is given
+    search_target_rate: float = 0.45  # kept fraction of FLOPs (EKG convention)
+    search_step: float = 0.2
+    search_batch_size: int = 256
+    search_train_per_class: int = 256  # warm-up subset: the first images of each class
+    search_val_per_class: int = 32  # search-validation subset: the last images of each class
+    num_teacher: int = 5
+    knowledge: bool = True  # memory-bank distillation while fine-tuning (off: plain CE)
+    temperature: float = 0.0  # 0: 4, or 10 with 1000 classes or more
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -60,6 +70,16 @@ class Config:
         for name, value in positive.items():
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"--{name} must be positive, got {value!r}")
+        if not 0 < self.search_target_rate < 1:
+            raise ConfigError(f"--search_target_rate must be in (0, 1), got {self.search_target_rate}")
+        if not 0 < self.search_step <= 1:
+            raise ConfigError(f"--search_step must be in (0, 1], got {self.search_step}")
+        for name in ("baseline_epoch", "search_batch_size", "search_train_per_class", "search_val_per_class",
+                     "num_teacher"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)!r}")
+        if self.temperature < 0:
+            raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
         for name in ("steps_per_epoch", "ckpt_every_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -86,6 +106,13 @@ class Config:
         return self
 
 
+# Fine-tuning defaults of the pruning methods: the EKG reference's train_cifar.py.
+METHOD_PRESETS = {
+    name: dict(learning_rate=0.01, weight_decay=5e-4, decay_points=(0.3, 0.6, 0.8), decay_rate=0.2,
+               val_batch_size=256)
+    for name in ("ekg", "l1", "random")
+}
+
 _HELP = {
     "arch": "network, e.g. ResNet-56, ResNet-50, MobileNetV2, VGG-16",
     "dataset": "cifar10, cifar100, imagenet or mnist",
@@ -102,6 +129,10 @@ _HELP = {
     "do_log": "steps between logged / TensorBoard step scalars",
     "ckpt_every_steps": "also checkpoint every this many steps (default: every epoch)",
     "resume": "continue the run in --train_path from its last checkpoint",
+    "search_target_rate": "stop the search when FLOPs (EKG convention) reach this fraction of the original",
+    "search_step": "EKG width step of a gate (divided by the number of times its group is used)",
+    "knowledge": "fine-tune with memory-bank distillation (--no-knowledge: plain cross-entropy)",
+    "temperature": "distillation temperature (0: 4, or 10 with >= 1000 classes)",
 }
 
 
@@ -125,6 +156,7 @@ def parse_config(argv: Sequence[str] | None, preset: Config = Config(), descript
     """Build the frozen config from a preset, an optional JSON file and the flags."""
     args = vars(_parser(preset, description).parse_args(argv))
     values = dataclasses.asdict(preset)
+    values.update(METHOD_PRESETS.get(args["method"] or preset.method, {}))
     config_file = args.pop("config")
     if config_file:
         try:

@@ -77,10 +77,17 @@ class RunContext:
         with self.strategy.scope():
             return load_net(self.cfg.arch, path, masked=masked, **self.net_config())
 
-    def copy_net(self, net, masked: bool = False):
-        """A new net of the same architecture and widths holding `net`'s params."""
-        with self.strategy.scope():
+    def copy_net(self, net, masked: bool = False, local: bool = False):
+        """A new net of the same architecture and widths holding `net`'s params.
+
+        `local=True` builds it outside the strategy (plain variables on the default device), for
+        host-driven single-device work such as a search.
+        """
+        if local:
             new = nets.build_from_spec(net.spec(), masked=masked)
+        else:
+            with self.strategy.scope():
+                new = nets.build_from_spec(net.spec(), masked=masked)
         new.set_params(net.get_params())
         return new
 
@@ -91,12 +98,16 @@ class RunContext:
     def steps_per_epoch(self) -> int:
         return self.cfg.steps_per_epoch or self.data.steps_per_epoch(self.cfg.batch_size)
 
-    def make_optimizer(self, epochs: int, learning_rate: float | None = None):
+    def make_optimizer(self, epochs: int, learning_rate: float | None = None, steps_per_epoch: int | None = None,
+                       constant: bool = False):
         cfg = self.cfg
-        total = max(1, epochs * self.steps_per_epoch())
+        steps_per_epoch = steps_per_epoch or self.steps_per_epoch()
+        total = max(1, epochs * steps_per_epoch)
         lr = learning_rate if learning_rate is not None else cfg.learning_rate
-        warmup = int(cfg.warmup_epochs * self.steps_per_epoch())
-        if cfg.schedule == "cosine":
+        warmup = int(cfg.warmup_epochs * steps_per_epoch)
+        if constant:
+            schedule = lr
+        elif cfg.schedule == "cosine":
             schedule = schedules.Cosine(lr, total, warmup_steps=warmup)
         else:
             schedule = schedules.StepDecay(lr, total, cfg.decay_points, cfg.decay_rate, warmup_steps=warmup)
@@ -105,9 +116,10 @@ class RunContext:
         return optim.SGD(schedule, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
 
     def trainer(self, net, epochs: int, loss_fn=softmax_cross_entropy, grad_transform=None,
-                learning_rate: float | None = None) -> Trainer:
+                learning_rate: float | None = None, steps_per_epoch: int | None = None,
+                constant_lr: bool = False) -> Trainer:
         with self.strategy.scope():
-            optimizer = self.make_optimizer(epochs, learning_rate)
+            optimizer = self.make_optimizer(epochs, learning_rate, steps_per_epoch, constant_lr)
         return Trainer(self.strategy, net, optimizer, global_batch_size=self.cfg.batch_size,
                        accum=self.cfg.accum, loss_fn=loss_fn, grad_transform=grad_transform, xla=self.xla)
 
@@ -121,11 +133,13 @@ class RunContext:
         return fn
 
     def train(self, net, epochs: int, stage: str, loss_fn=softmax_cross_entropy, grad_transform=None,
-              train_data_fn=None, on_epoch_end=None, learning_rate: float | None = None) -> dict:
+              train_data_fn=None, on_epoch_end=None, learning_rate: float | None = None,
+              steps_per_epoch: int | None = None, constant_lr: bool = False) -> dict:
         """Train `net` for `epochs` epochs; checkpoints and logs go to `<train_path>/<stage>`."""
-        trainer = self.trainer(net, epochs, loss_fn, grad_transform, learning_rate)
+        steps_per_epoch = steps_per_epoch or self.steps_per_epoch()
+        trainer = self.trainer(net, epochs, loss_fn, grad_transform, learning_rate, steps_per_epoch, constant_lr)
         return loop.fit(trainer, train_data_fn or self.train_data_fn(), epochs=epochs,
-                        steps_per_epoch=self.steps_per_epoch(), train_path=self.path(stage),
+                        steps_per_epoch=steps_per_epoch, train_path=self.path(stage),
                         eval_data=self.data.test(self.cfg.val_batch_size), resume=self.cfg.resume,
                         ckpt_every_steps=self.cfg.ckpt_every_steps, on_epoch_end=on_epoch_end,
                         log_every_steps=self.cfg.do_log)

@@ -97,8 +97,15 @@ class InMemoryDataset(Dataset):
         augment: bool = True,
         num_shards: int = 1,
         shard_index: int = 0,
+        views: int = 1,
+        with_index: bool = False,
     ) -> tf.data.Dataset:
         """See :meth:`Dataset.train`.
+
+        With ``views > 1`` every example yields ``views`` independent augmentations stacked
+        as ``[batch, views, H, W, C]`` (EKG's two-view distillation); with ``with_index``
+        batches are ``(images, labels, index)``, the index being the example's position in
+        the training set (to look up per-example data such as a memory bank).
 
         The whole set is permuted identically on every shard, cut to a multiple of
         ``batch_size * num_shards`` (so all shards run the same number of steps), and
@@ -129,15 +136,23 @@ class InMemoryDataset(Dataset):
 
             def _one(image, label, index):
                 seed_t = seeds.example_seed(key, index)
-                return self._augment(self._normalise(image), seed_t), label
+                image = self._normalise(image)
+                if views > 1:
+                    image = tf.stack([self._augment(image, tf.random.experimental.stateless_fold_in(seed_t, v))
+                                      for v in range(views)])
+                else:
+                    image = self._augment(image, seed_t)
+                return (image, label, index) if with_index else (image, label)
 
             ds = ds.map(_one, num_parallel_calls=_AUTOTUNE, deterministic=True)
             ds = ds.batch(int(batch_size), drop_remainder=True)
         else:
             # Without augmentation there is nothing per-example: normalise whole batches.
             ds = ds.batch(int(batch_size), drop_remainder=True)
+            if views > 1:
+                raise ConfigError("several views need augment=True")
             ds = ds.map(
-                lambda x, y, i: (self._normalise(x), y),
+                lambda x, y, i: (self._normalise(x), y, i) if with_index else (self._normalise(x), y),
                 num_parallel_calls=_AUTOTUNE,
                 deterministic=True,
             )

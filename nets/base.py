@@ -79,11 +79,22 @@ class Net(tf.Module):
             raise ConfigError(f"{self.arch}: width spec names unknown group {unknown[0]!r}")
 
     # === Forward ===
-    def forward(self, x, training: bool):
+    def forward(self, x, training: bool, tap=None):
+        """The forward pass; calls `tap(group, x)` on each group's activations where EKG gates them."""
         raise NotImplementedError
 
-    def __call__(self, x, training: bool = False):
-        return self.forward(x, training)
+    def __call__(self, x, training: bool = False, tap=None):
+        """Logits of `x`. `training` selects BN batch statistics (and moving-statistics updates).
+
+        `tap`, if given, is called as `x = tap(group, x)` at every point where a channel group's
+        activations are final (after BN+ReLU, after a residual add); scoring methods use it to
+        measure channel importance. It must return a tensor of the same value.
+        """
+        return self.forward(x, training, tap)
+
+    @staticmethod
+    def tapped(tap, group, x):
+        return x if tap is None else tap(group, x)
 
     # === Parameters ===
     def param_vars(self) -> dict:

@@ -91,10 +91,11 @@ class ResNet(Net):
         self.fc_layer = self.fc("fc", stream, self.group("logits", num_classes, prunable=False))
         self._check_widths_used()
 
-    def forward(self, x, training):
+    def forward(self, x, training, tap=None):
         x = tf.nn.relu(self.stem_bn(self.stem(x), training))
         if self.imagenet_stem:
             x = tf.nn.max_pool2d(x, 3, 2, "SAME")
+        x = self.tapped(tap, self.stem.out_group, x)
         for block in self.blocks:
             if "conv3" in block:
                 shortcut = block["bn3"](block["conv3"](x), training)
@@ -103,9 +104,11 @@ class ResNet(Net):
             y = x
             if "conv0" in block:
                 y = tf.nn.relu(block["bn0"](block["conv0"](y), training))
+                y = self.tapped(tap, block["conv0"].out_group, y)
             y = tf.nn.relu(block["bn1"](block["conv1"](y), training))
+            y = self.tapped(tap, block["conv1"].out_group, y)
             y = block["bn2"](block["conv2"](y), training)
-            x = tf.nn.relu(y + shortcut)
+            x = self.tapped(tap, block["conv2"].out_group, tf.nn.relu(y + shortcut))
         x = tf.reduce_mean(x, [1, 2])
         return self.fc_layer(x)
 

@@ -1,0 +1,53 @@
+"""EKG's memory bank: logits of interim sub-networks on every training image.
+
+Teachers are picked from the search history (every accepted sub-network, the unpruned one
+included, the final one excluded) at `num_teacher` evenly spaced levels of their search
+cross-entropy, lowest first, so teacher 0 is the best interim sub-network. Each teacher's masks
+are set on the shared-weight masked net, which runs over the training images in natural order
+with inference preprocessing and BN batch statistics (as in the search).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+
+def pick_teachers(losses, num_teacher: int) -> list:
+    """Indices of `losses` nearest to `num_teacher` evenly spaced levels (without reuse).
+
+    Levels are `min + k (max - min) / num_teacher` for k = 0..num_teacher-1; each takes the
+    nearest unused entry. Fewer entries than teachers gives every entry once.
+    """
+    losses = np.asarray(losses, np.float64)
+    if len(losses) <= num_teacher:
+        return list(np.argsort(losses, kind="stable"))
+    lo, hi = float(losses.min()), float(losses.max())
+    levels = [lo + k * (hi - lo) / num_teacher for k in range(num_teacher)]
+    free = np.ones(len(losses), bool)
+    picked = []
+    for level in levels:
+        distance = np.where(free, np.abs(losses - level), np.inf)
+        index = int(np.argmin(distance))
+        picked.append(index)
+        free[index] = False
+    return picked
+
+
+def build_memory_bank(search, teachers, dataset, num_examples: int) -> np.ndarray:
+    """Logits `[N, classes, T]` of each teacher `(rates, orders)` on the training set.
+
+    Args:
+        search: the `GreedySearch` whose masked net and mask settings are used.
+        teachers: list of `(rates, orders)`.
+        dataset: batches of `(images, labels, index)` in natural order (inference preprocessing).
+        num_examples: size of the training set.
+    """
+    net = search.net
+    forward = tf.function(lambda x: net(x, training=True))
+    bank = np.zeros([num_examples, net.groups["logits"].size, len(teachers)], np.float32)
+    for t, (rates, orders) in enumerate(teachers):
+        search.apply(rates, orders)
+        for images, _, index in dataset:
+            bank[index.numpy(), :, t] = forward(images).numpy()
+    return bank

@@ -1,0 +1,263 @@
+"""EKG's greedy sub-network search (Lee & Song, ECCV 2022), on the masked net.
+
+Every prunable channel group is a gate with a keep `rate` (1 = all channels) and an `order`
+(rank of each channel by importance). One search step:
+
+1. score: accumulate `|sum(dy * y)|` per channel over the search-validation set through score
+   taps, for `J = CE(y, z) + CE(softmax(K), z)` where `K` is the ensemble knowledge (the
+   running mean of the logits of all accepted sub-networks), and re-rank every gate;
+2. candidates: the gates whose next slice of lowest-scored live channels costs at most the
+   trimmed-Otsu threshold of all gates' costs;
+3. try each candidate: lower its rate by `max(1/C, search_step / num_call)` (a fine search in
+   1/C steps keeps the largest width at or under the FLOPs target), evaluate `J` on the
+   search-validation set with batch statistics (no moving-statistics updates), restore;
+4. accept the candidate with the lowest `J`; fold its logits into the ensemble.
+
+The search stops when the FLOPs (EKG convention) reach `target_rate` of the original. Masks are
+variables, so the score and evaluation functions are traced once for the whole search.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from op_utils.taps import score_tap
+
+
+def trimmed_otsu(costs, cut: float = 0.2) -> float:
+    """Otsu threshold of `costs` after trimming `ceil(cut * n)` values from each end.
+
+    Returns the midpoint of the two values around the split that maximises the between-class
+    score `t (n - t) (mean_left - mean_right)^2`. With too few values to split, returns the
+    largest cost (every gate is a candidate).
+    """
+    values = np.sort(np.asarray(costs, np.float64))
+    trim = int(math.ceil(len(values) * cut))
+    trimmed = values[trim:len(values) - trim]
+    n = len(trimmed)
+    if n < 3:
+        return float(values[-1])
+    splits = range(1, n - 1)  # the reference's range, so its thresholds are reproduced
+    between = [t * (n - t) * (trimmed[:t].mean() - trimmed[t:].mean()) ** 2 for t in splits]
+    best = int(np.argmax(between)) + 1
+    return float((trimmed[best - 1] + trimmed[best]) / 2)
+
+
+def keep_count(rate: float, size: int) -> int:
+    """Channels kept at `rate`: the ranks k < max(rate * size, 1)."""
+    return int(math.ceil(max(rate * size, 1.0) - 1e-9))
+
+
+@dataclasses.dataclass
+class SearchState:
+    """Everything a search needs to continue: saved after every accepted step."""
+
+    rates: dict
+    orders: dict
+    knowledge: np.ndarray
+    members: int
+    step: int
+    history: list  # [(rates, orders, ce)] of accepted sub-networks, the unpruned one first
+    curves: list  # [(step, acc, ce, flops_rate)]
+
+    def to_json(self) -> dict:
+        def gate(rates, orders):
+            return {"rates": rates, "orders": {k: [int(i) for i in v] for k, v in orders.items()}}
+
+        return {"gate": gate(self.rates, self.orders), "knowledge": self.knowledge.tolist(),
+                "members": self.members, "step": self.step, "curves": self.curves,
+                "history": [dict(gate(r, o), ce=ce) for r, o, ce in self.history]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SearchState":
+        def orders(d):
+            return {k: np.asarray(v, np.int64) for k, v in d.items()}
+
+        return cls(dict(data["gate"]["rates"]), orders(data["gate"]["orders"]),
+                   np.asarray(data["knowledge"], np.float32), data["members"], data["step"],
+                   [(dict(h["rates"]), orders(h["orders"]), h["ce"]) for h in data["history"]],
+                   [tuple(c) for c in data["curves"]])
+
+
+class GreedySearch:
+    """The search on one masked net (see the module docstring).
+
+    Args:
+        net: a masked `Net` (built with `masked=True`); its masks are set by the search.
+        images, labels: the search-validation set (inference preprocessing), numpy.
+        target_rate: stop when FLOPs / original FLOPs <= target_rate.
+        search_step: the width step of a gate used once per forward pass.
+        batch_size: search batch size (BN statistics are per batch).
+        on_step: optional callback `on_step(state, info)` after every accepted step.
+    """
+
+    def __init__(self, net, images, labels, target_rate=0.45, search_step=0.2, batch_size=256, on_step=None):
+        self.net, self.target_rate, self.search_step, self.on_step = net, target_rate, search_step, on_step
+        self.groups = net.prunable_groups()
+        self.keys = list(self.groups)
+        self.batches = [(tf.constant(images[i:i + batch_size], tf.float32), tf.constant(labels[i:i + batch_size], tf.int32))
+                        for i in range(0, len(labels), batch_size)]
+        self.count = len(labels)
+        self.probes = {k: tf.Variable(tf.zeros([g.size]), trainable=False, name="probe") for k, g in self.groups.items()}
+        self.num_call = self._count_taps(images[:1])
+        self.coarse = {k: max(1.0 / g.size, search_step / self.num_call[k]) for k, g in self.groups.items()}
+        self.full_flops = net.cost({k: g.size for k, g in self.groups.items()}).ekg_flops
+        # EKG's search conventions: renormalised masked kernels, batch statistics, no updates.
+        net.options.set(renorm=True, freeze_bn=True)
+        self.trace_count = 0
+        self._score_fn = tf.function(self._score_batch)
+        self._eval_fn = tf.function(self._eval_batch)
+
+    # === Compiled pieces ===
+    def _tap(self, group, x):
+        return score_tap(x, self.probes[group.key])
+
+    def _count_taps(self, image) -> dict:
+        counts = dict.fromkeys(self.keys, 0)
+
+        def counting(group, x):
+            counts[group.key] += 1
+            return x
+
+        self.net(tf.constant(image, tf.float32), training=False, tap=counting)
+        missing = [k for k, c in counts.items() if c == 0]
+        if missing:
+            raise ValueError(f"{self.net.arch}: group {missing[0]} is never tapped; its forward must tap every group")
+        return counts
+
+    def _objective(self, logits, labels, knowledge):
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+        soft = -tf.reduce_sum(tf.nn.softmax(knowledge) * tf.nn.log_softmax(logits), -1)
+        return ce, ce + soft
+
+    def _score_batch(self, images, labels, knowledge):
+        self.trace_count += 1
+        probes = list(self.probes.values())
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(probes)
+            logits = self.net(images, training=True, tap=self._tap)
+            _, j = self._objective(logits, labels, knowledge)
+            loss = tf.reduce_sum(j) / float(self.batches[0][0].shape[0])
+        return tape.gradient(loss, probes)
+
+    def _eval_batch(self, images, labels, knowledge):
+        self.trace_count += 1
+        logits = self.net(images, training=True)
+        ce, j = self._objective(logits, labels, knowledge)
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
+        return logits, tf.reduce_sum(ce), tf.reduce_sum(j), correct
+
+    # === Host-side pieces ===
+    def widths(self, rates) -> dict:
+        return {k: keep_count(rates[k], self.groups[k].size) for k in self.keys}
+
+    def flops_rate(self, rates) -> float:
+        return self.net.cost(self.widths(rates)).ekg_flops / self.full_flops
+
+    def apply(self, rates, orders) -> None:
+        for k in self.keys:
+            self.groups[k].set_mask(orders[k] < keep_count(rates[k], self.groups[k].size))
+
+    def evaluate(self, knowledge):
+        """(logits, accuracy, mean CE, mean J) of the current masks on the validation set."""
+        logits, ce, j, correct, start = [], 0.0, 0.0, 0.0, 0
+        for images, labels in self.batches:
+            end = start + int(labels.shape[0])
+            out = self._eval_fn(images, labels, tf.constant(knowledge[start:end]))
+            logits.append(out[0].numpy())
+            ce, j, correct, start = ce + float(out[1]), j + float(out[2]), correct + float(out[3]), end
+        return np.concatenate(logits), correct / self.count, ce / self.count, j / self.count
+
+    def score(self, knowledge) -> dict:
+        """Per-channel scores of every group, summed over the validation set."""
+        totals = {k: np.zeros(self.groups[k].size) for k in self.keys}
+        start = 0
+        for images, labels in self.batches:
+            end = start + int(labels.shape[0])
+            grads = self._score_fn(images, labels, tf.constant(knowledge[start:end]))
+            for k, g in zip(self.keys, grads):
+                totals[k] += g.numpy()
+            start = end
+        return totals
+
+    @staticmethod
+    def rank(scores, mask) -> np.ndarray:
+        """Rank 0 = most important; masked channels (score 0) rank after every live one."""
+        order = np.lexsort((np.arange(len(scores)), -scores, mask < 0.5))
+        ranks = np.empty(len(scores), np.int64)
+        ranks[order] = np.arange(len(scores))
+        return ranks
+
+    def candidates(self, scores, rates) -> list:
+        """Gates whose next slice of live channels is cheap enough (trimmed Otsu)."""
+        costs = {}
+        for k in self.keys:
+            if rates[k] <= 0:
+                continue
+            size = self.groups[k].size
+            ranked = np.sort(scores[k])
+            start = round((1.0 - rates[k]) * size)
+            costs[k] = float(ranked[start:round((1.0 - rates[k] + self.coarse[k]) * size)].sum())
+        threshold = trimmed_otsu(list(costs.values()))
+        return [k for k, c in costs.items() if c <= threshold]
+
+    def next_rate(self, rates, key) -> float:
+        """The coarse step down for `key`, refined in 1/C steps when it overshoots the target."""
+        trial = dict(rates)
+        trial[key] = round(rates[key] - self.coarse[key], 5)
+        if self.flops_rate(trial) >= self.target_rate:
+            return trial[key]
+        fine = 1.0 / self.groups[key].size
+        best = trial[key]
+        for w in np.arange(trial[key], trial[key] + self.search_step, fine):
+            trial[key] = round(float(w), 2)
+            if self.flops_rate(trial) > self.target_rate:
+                return round(float(w) - fine, 5)
+            best = trial[key]
+        return best
+
+    # === The search ===
+    def initial_state(self) -> SearchState:
+        self.net.reset_masks()
+        rates = dict.fromkeys(self.keys, 1.0)
+        orders = {k: np.arange(g.size) for k, g in self.groups.items()}
+        knowledge0 = np.zeros([self.count, self.net.groups["logits"].size], np.float32)
+        logits, acc, ce, _ = self.evaluate(knowledge0)
+        return SearchState(rates, orders, logits, 1, 0, [(dict(rates), dict(orders), ce)], [(0, acc, ce, 1.0)])
+
+    def run(self, state: SearchState | None = None) -> SearchState:
+        """Search until the FLOPs target; `state` continues an interrupted search."""
+        state = state or self.initial_state()
+        while self.flops_rate(state.rates) > self.target_rate:
+            tic = time.perf_counter()
+            self.apply(state.rates, state.orders)
+            scores = self.score(state.knowledge)
+            state.orders = {k: self.rank(scores[k], self.groups[k].mask_numpy()) for k in self.keys}
+            best = None
+            candidates = self.candidates(scores, state.rates)
+            for key in candidates:
+                rates = dict(state.rates)
+                rates[key] = self.next_rate(state.rates, key)
+                self.apply(rates, state.orders)
+                logits, acc, ce, j = self.evaluate(state.knowledge)
+                if best is None or j < best[0]:
+                    best = (j, key, rates, logits, acc, ce)
+            j, key, rates, logits, acc, ce = best
+            state.rates = rates
+            state.knowledge = (state.knowledge * state.members + logits) / (state.members + 1)
+            state.members += 1
+            state.step += 1
+            state.history.append((dict(rates), dict(state.orders), ce))
+            flops = self.flops_rate(rates)
+            state.curves.append((state.step, acc, ce, flops))
+            self.apply(state.rates, state.orders)
+            if self.on_step is not None:
+                self.on_step(state, dict(key=key, acc=acc, ce=ce, j=j, flops_rate=flops,
+                                         candidates=len(candidates), seconds=time.perf_counter() - tic))
+        self.apply(state.rates, state.orders)
+        return state
