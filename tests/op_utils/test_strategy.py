@@ -1,0 +1,43 @@
+"""Strategy selection and the --compile flag (the multi-worker branch is in test_multiworker)."""
+import pytest
+import tensorflow as tf
+
+from op_utils.strategy import make_strategy, resolve_xla
+from utils.errors import ConfigError
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_cpu_strategy_is_mirrored_over_logical_cpus(replicas, monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    strategy = make_strategy(num_replicas=replicas)
+    assert isinstance(strategy, tf.distribute.MirroredStrategy)
+    assert strategy.num_replicas_in_sync == replicas
+    assert all("CPU" in d for d in strategy.extended.worker_devices)
+
+
+def test_single_worker_tf_config_stays_mirrored(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["localhost:1"]}, '
+                                    '"task": {"type": "worker", "index": 0}}')
+    assert isinstance(make_strategy(), tf.distribute.MirroredStrategy)
+
+
+def test_bad_requests_are_config_errors(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", "not json")
+    with pytest.raises(ConfigError, match="TF_CONFIG"):
+        make_strategy()
+    monkeypatch.delenv("TF_CONFIG")
+    with pytest.raises(ConfigError):
+        make_strategy(num_replicas=3)  # the conftest already fixed 2 logical CPUs
+    with pytest.raises(ConfigError, match="num_replicas"):
+        make_strategy(num_replicas=0)
+    with pytest.raises(ConfigError, match="GPU"):
+        make_strategy(gpu_id="3")  # no GPU on the test machine
+
+
+def test_resolve_xla():
+    assert resolve_xla("on") is True
+    assert resolve_xla("OFF") is False
+    assert resolve_xla("auto") is bool(tf.config.list_physical_devices("GPU"))
+    for bad in ("yes", "", None, True):
+        with pytest.raises(ConfigError, match="--compile"):
+            resolve_xla(bad)
