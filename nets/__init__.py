@@ -1,1 +1,11 @@
+"""Networks built from masked `tcl`-style layers; importing this package registers them."""
 
+from nets import resnet  # noqa: F401  (registers the ResNets)
+from nets import mobilenet  # noqa: F401  (registers MobileNetV2, MobileNetV2-ImageNet)
+from nets import vgg  # noqa: F401  (registers VGG-16)
+from nets import lenet  # noqa: F401  (registers LeNet-5)
+from nets import mlp  # noqa: F401  (registers MLP)
+from nets.registry import build, build_from_params, build_from_spec, list_archs, lookup
+from nets.slim import slim
+
+__all__ = ["build", "build_from_params", "build_from_spec", "list_archs", "lookup", "slim"]

@@ -276,7 +276,8 @@ class BatchNorm(Layer):
             mean, var = tf.nn.moments(x, self.axes, keepdims=True)
             rate = 1.0 - self.momentum
             if self.options is not None:
-                rate = rate * (1.0 - self.options.freeze_bn)
+                # Masked channels keep their statistics, so restoring a channel restores them too.
+                rate = rate * (1.0 - self.options.freeze_bn) * mask
             self.moving_mean.assign_sub((self.moving_mean - mean) * rate)
             self.moving_variance.assign_sub((self.moving_variance - var) * rate)
         else:

@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 import nets
+from op_utils.strategy import make_strategy
 from tests.nets.helpers import input_for, random_masks, randomise, small_net
 from utils.errors import ConfigError, ParamsError
 from utils.params_io import load_params
@@ -94,7 +95,7 @@ def test_mask_keeps_at_least_one_channel():
 
 
 def test_masked_net_under_mirrored_strategy_with_xla():
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = make_strategy(num_replicas=2)
     with strategy.scope():
         net = small_net("ResNet-20")
     randomise(net)
@@ -136,3 +137,14 @@ def test_reference_pickle_gives_93_5_percent():
     logits = np.concatenate([forward(tf.constant(images[i:i + 256], tf.float32)) for i in range(0, len(images), 256)])
     assert len(labels) == 1017
     assert (logits.argmax(1) == labels).mean() == pytest.approx(0.935, abs=0.001)
+
+
+def test_masked_channels_keep_their_moving_statistics():
+    net = small_net("ResNet-20")
+    randomise(net)
+    net.groups["stem"].keep([0, 1])
+    before = net.get_params()["bn/moving_variance:0"].copy()
+    net(input_for(net), training=True)
+    after = net.get_params()["bn/moving_variance:0"]
+    np.testing.assert_array_equal(after[..., 2:], before[..., 2:])
+    assert not np.allclose(after[..., :2], before[..., :2])

@@ -1,0 +1,69 @@
+"""LeNet-5 for MNIST (LeCun et al., 1998, with ReLU and max-pooling), built from masked layers.
+
+28x28x1 input - 5x5 conv to 6 channels (SAME) - ReLU - 2x2/2 max-pool (14x14) - 5x5 conv to
+16 channels (VALID, 10x10) - ReLU - 2x2/2 max-pool (5x5) - flatten channel-last (400) -
+dense 120 - ReLU - dense 84 - ReLU - dense to the classes. Convs and dense layers have biases
+and there is no BatchNorm: a masked conv's bias is masked with its output channels, so a
+removed channel is exactly zero after ReLU and max-pooling.
+
+Channel groups, declared below (no channels are tied):
+* `conv1`, `conv2`: the output channels of the two convs (`conv2` is read by `fc1` through
+  the flattened 5x5 map);
+* `fc1`, `fc2`: the hidden units of the first two dense layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+from nets.base import Net
+from nets.registry import register
+
+
+class LeNet5(Net):
+    """LeNet-5.
+
+    Args:
+        arch: registry name.
+        num_classes, input_size: classifier width and the (square) input size.
+        channels: image channels (1 for MNIST).
+        widths, masked: see `Net`.
+    """
+
+    def __init__(self, arch, num_classes=10, input_size=28, channels=1, widths=None, masked=True):
+        config = dict(num_classes=num_classes, input_size=input_size, channels=channels)
+        super().__init__(arch, config, widths, masked)
+
+        hw = (input_size, input_size)
+        image = self.group("input", channels, prunable=False)
+        g1 = self.group("conv1", 6)
+        self.conv1 = self.conv("conv1", image, g1, 5, hw, padding="SAME", use_bias=True)
+        hw = tuple(s // 2 for s in self.conv1.out_hw)  # 2x2/2 max-pool, VALID padding
+        g2 = self.group("conv2", 16)
+        self.conv2 = self.conv("conv2", g1, g2, 5, hw, padding="VALID", use_bias=True)
+        hw = tuple(s // 2 for s in self.conv2.out_hw)
+        if min(hw) < 1:
+            raise ValueError(f"{arch}: input size {input_size} is too small")
+
+        spatial = hw[0] * hw[1]
+        g3 = self.group("fc1", 120)
+        g4 = self.group("fc2", 84)
+        self.fc1 = self.fc("fc1", g2, g3, spatial=spatial, stddev=math.sqrt(2.0 / (g2.size * spatial)))
+        self.fc2 = self.fc("fc2", g3, g4, stddev=math.sqrt(2.0 / g3.size))
+        self.fc3 = self.fc("fc3", g4, self.group("logits", num_classes, prunable=False))
+        self._check_widths_used()
+
+    def forward(self, x, training, tap=None):
+        x = tf.nn.max_pool2d(tf.nn.relu(self.conv1(x)), 2, 2, "VALID")
+        x = self.tapped(tap, self.conv1.out_group, x)
+        x = tf.nn.max_pool2d(tf.nn.relu(self.conv2(x)), 2, 2, "VALID")
+        x = self.tapped(tap, self.conv2.out_group, x)  # before flattening: the last axis is channels
+        x = tf.reshape(x, [tf.shape(x)[0], -1])
+        x = self.tapped(tap, self.fc1.out_group, tf.nn.relu(self.fc1(x)))
+        x = self.tapped(tap, self.fc2.out_group, tf.nn.relu(self.fc2(x)))
+        return self.fc3(x)
+
+
+register("LeNet-5", LeNet5, num_classes=10, input_size=28, channels=1)
