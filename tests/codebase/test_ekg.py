@@ -1,0 +1,173 @@
+"""EKG pieces: score taps, trimmed Otsu, a search step, resume, teachers and the KD loss."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import nets
+import train_cifar
+from codebase.methods.ekg.memory_bank import pick_teachers
+from codebase.methods.ekg.method import memory_bank_loss, search_subsets
+from codebase.methods.ekg.search import GreedySearch, SearchState, keep_count, trimmed_otsu
+from op_utils.losses import kl_t, select_teachers
+from op_utils.taps import score_tap
+from tests.dataloader.fakes import write_cifar10
+from tests.nets.helpers import randomise
+
+
+def test_score_tap_is_identity_with_taylor_gradient():
+    rng = np.random.default_rng(0)
+    y = tf.constant(rng.normal(size=(4, 3, 3, 5)), tf.float32)
+    w = tf.constant(rng.normal(size=(4, 3, 3, 5)), tf.float32)
+    probe = tf.zeros([5])
+
+    def loss(t):
+        return tf.reduce_sum(w * t) + 0.01 * tf.reduce_sum(t ** 2)
+
+    with tf.GradientTape() as tape:
+        tape.watch(probe)
+        out = score_tap(y, probe)
+        value = loss(out)
+    np.testing.assert_array_equal(out, y)
+    score = tape.gradient(value, probe).numpy()
+    # The score is |first-order change of the loss when the channel is zeroed|.
+    for c in range(5):
+        zeroed = y.numpy().copy()
+        zeroed[..., c] = 0
+        change = float(loss(y) - loss(tf.constant(zeroed)))
+        quadratic = 0.01 * float(tf.reduce_sum(y[..., c] ** 2))
+        assert score[c] == pytest.approx(abs(change + quadratic), rel=1e-4)
+
+
+def test_trimmed_otsu_splits_two_clusters():
+    low = [1.0, 1.1, 1.2, 1.3, 1.4]
+    high = [9.0, 9.1, 9.2, 9.3, 9.4]
+    threshold = trimmed_otsu(low + high + [0.0, 100.0])  # the extremes are trimmed away
+    assert 1.4 < threshold < 9.0
+    assert trimmed_otsu([3.0, 1.0]) == 3.0  # too few gates: every gate is a candidate
+
+
+def test_keep_count_follows_the_reference_mask():
+    assert keep_count(1.0, 16) == 16
+    assert keep_count(0.8, 16) == 13  # ranks 0..12 < 12.8
+    assert keep_count(0.01, 16) == 1
+
+
+def test_search_subsets_come_from_each_class():
+    labels = np.repeat(np.arange(3), 10)
+    train, val = search_subsets(labels, 4, 2)
+    assert sorted(train) == [0, 1, 2, 3, 10, 11, 12, 13, 20, 21, 22, 23]
+    assert sorted(val) == [8, 9, 18, 19, 28, 29]
+
+
+def tiny_search(target=0.8, **kwargs):
+    net = nets.build("ResNet-20", input_size=8, num_classes=4)
+    randomise(net, seed=1)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(24, 8, 8, 3)).astype(np.float32)
+    labels = rng.integers(0, 4, 24)
+    return GreedySearch(net, images, labels, target_rate=target, batch_size=16, **kwargs)
+
+
+def test_one_step_takes_the_lowest_objective_among_otsu_candidates(monkeypatch):
+    search = tiny_search()
+    state = search.initial_state()
+    keys = search.keys
+    known = {k: np.linspace(1, 2, search.groups[k].size) * (0.01 if k == keys[3] else 1.0) for k in keys}
+    monkeypatch.setattr(search, "score", lambda knowledge: known)
+    expected = search.candidates(known, state.rates)
+    assert keys[3] in expected
+    objective = {k: 1.0 + i for i, k in enumerate(keys)}
+    objective[keys[5]] = 0.5  # the best J, but only if it is a candidate
+    tried = []
+
+    def fake_evaluate(knowledge):
+        changed = [k for k in keys if search.groups[k].active() < search.groups[k].size]
+        tried.append(changed[0])
+        return np.ones_like(state.knowledge), 0.5, 1.0, objective[changed[0]]
+
+    monkeypatch.setattr(search, "evaluate", fake_evaluate)
+
+    def stop(state, info):
+        raise StopIteration
+
+    search.on_step = stop
+    with pytest.raises(StopIteration):
+        search.run(state)
+    assert tried == expected
+    best = min(expected, key=objective.get)
+    assert state.rates[best] == pytest.approx(1.0 - search.coarse[best]) and state.step == 1
+    assert state.members == 2  # the unpruned net and the accepted one form the ensemble
+    assert all(state.rates[k] == 1.0 for k in keys if k != best)
+
+
+def test_search_reaches_target_without_retracing_and_resumes(tmp_path):
+    steps = []
+    search = tiny_search(on_step=lambda state, info: steps.append(json.dumps(state.to_json())))
+    final = search.run()
+    assert search.flops_rate(final.rates) <= 0.8 < search.flops_rate(final.history[-2][0])
+    assert search.trace_count == 4  # score and evaluate, for a full and a last partial batch
+    assert final.curves[-1][3] == pytest.approx(search.flops_rate(final.rates))
+    # Resume from the state saved after step 2: the search ends where the uninterrupted one did.
+    resumed = tiny_search().run(SearchState.from_json(json.loads(steps[1])))
+    assert resumed.rates == final.rates
+    assert all(np.array_equal(resumed.orders[k], final.orders[k]) for k in final.orders)
+
+
+def test_pick_teachers_at_even_loss_levels():
+    losses = [0.10, 0.50, 0.12, 0.31, 0.70, 0.29, 0.90]
+    # levels 0.1, 0.26, 0.42, 0.58, 0.74 -> nearest unused: 0.10, 0.29, 0.50, 0.70 (0.50 is taken), 0.90
+    assert pick_teachers(losses, 5) == [0, 5, 1, 4, 6]
+    assert pick_teachers([0.3, 0.1], 5) == [1, 0]
+
+
+def test_select_teachers_and_kd_loss_by_hand():
+    t = 4.0
+    bank = np.array([[[2.0, 0.0, 1.5], [0.0, 1.0, 0.0], [-1.0, 0.0, -1.0]]], np.float32)  # [1, 3 classes, 3 teachers]
+    bank = np.repeat(bank, 2, axis=0)
+    student = np.array([[0.0, 0.0, 0.0], [0.5, 0.2, 0.1]], np.float32)
+
+    def kl(a, b):
+        p, q = np.exp(a / t) / np.exp(a / t).sum(-1, keepdims=True), np.exp(b / t) / np.exp(b / t).sum(-1, keepdims=True)
+        return t * (p * (np.log(p) - np.log(q))).sum(-1)
+
+    top = bank[:, :, 0]
+    d_student = kl(top, student).sum()
+    d_teachers = [kl(top, bank[:, :, k]).sum() for k in range(3)]
+    chosen = [k for k in range(3) if d_teachers[k] < d_student]
+    expected_target = bank[:, :, chosen].mean(-1)
+    np.testing.assert_allclose(select_teachers(bank, student, t), expected_target, rtol=1e-5)
+    np.testing.assert_allclose(kl_t(top, student, t), kl(top, student), rtol=1e-5)
+
+    # The memory-bank loss: mean over two views of CE + KL_T(target || view).
+    views = np.stack([student, student + 0.3], axis=1)  # [2, views, classes]
+    model = lambda x, training: x  # noqa: E731  the "net" returns its input as logits
+    loss_fn = memory_bank_loss(np.concatenate([bank, bank]), t)
+    labels = np.array([0, 2])
+    per_example, logits, extras = loss_fn(model, (tf.constant(views), tf.constant(labels), tf.constant([0, 3])), True)
+    target = select_teachers(bank, views.mean(1), t).numpy()
+    ce = [-np.log(np.exp(views[:, v]) / np.exp(views[:, v]).sum(-1, keepdims=True))[np.arange(2), labels] for v in (0, 1)]
+    kd = [kl(target, views[:, v]) for v in (0, 1)]
+    np.testing.assert_allclose(per_example, (ce[0] + ce[1] + kd[0] + kd[1]) / 2, rtol=1e-5)
+    np.testing.assert_allclose(logits, views.mean(1), rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ekg", "l1", "random"])
+def test_pruning_pipeline_smoke(method, tmp_path):
+    data = write_cifar10(tmp_path / "data", per_batch=16, num_test=8).path
+    run = tmp_path / "run"
+    args = ["--method", method, "--arch", "ResNet-20", "--data_path", str(data), "--train_path", str(run),
+            "--baseline_epoch", "1", "--train_epoch", "1", "--steps_per_epoch", "1", "--batch_size", "8",
+            "--val_batch_size", "8", "--search_batch_size", "16", "--search_train_per_class", "4",
+            "--search_val_per_class", "2", "--search_target_rate", "0.85", "--num_replicas", "2"]
+    results = train_cifar.main(args)
+    assert results["ekg_flops"] <= 0.85 * results["full_ekg_flops"] + 1
+    widths = json.loads((run / "trained_params.arch.json").read_text())["widths"]
+    assert widths == results["widths"]
+    if method == "ekg":
+        bank = np.load(run / "knowledge.npy")
+        assert bank.shape == (80, 10, 5)
+        assert json.loads((run / "stages.json").read_text())[-1] == "test"
