@@ -14,7 +14,8 @@ shrinks groups (a slimmed net), `masked=False` builds an ordinary net without ma
 
 from __future__ import annotations
 
-from typing import Mapping
+import dataclasses
+from typing import Callable, Mapping
 
 import numpy as np
 import tensorflow as tf
@@ -24,6 +25,16 @@ from nets.groups import ChannelGroup, MaskOptions
 from nets.layers import FC, BatchNorm, Conv2d, DepthwiseConv2d, Layer
 from utils.errors import ConfigError
 from utils.params_io import check_params
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """A link of the forward pass: `fn(x, training, tap) -> x`, whose output depends on the
+    masks of the groups in `groups` (and on its input). A search that changes one group's mask
+    can reuse every earlier segment's output."""
+
+    fn: Callable
+    groups: frozenset
 
 
 class Net(tf.Module):
@@ -82,6 +93,10 @@ class Net(tf.Module):
     def forward(self, x, training: bool, tap=None):
         """The forward pass; calls `tap(group, x)` on each group's activations where EKG gates them."""
         raise NotImplementedError
+
+    def segments(self) -> list:
+        """The forward pass as a chain of `Segment`s; one segment unless a net splits it."""
+        return [Segment(self.forward, frozenset(self.groups))]
 
     def __call__(self, x, training: bool = False, tap=None):
         """Logits of `x`. `training` selects BN batch statistics (and moving-statistics updates).

@@ -16,9 +16,11 @@ Channel groups, declared below:
 
 from __future__ import annotations
 
+import functools
+
 import tensorflow as tf
 
-from nets.base import Net
+from nets.base import Net, Segment
 from nets.registry import register
 
 _CIFAR = {"depths": (16, 32, 64), "strides": (1, 2, 2)}
@@ -91,27 +93,42 @@ class ResNet(Net):
         self.fc_layer = self.fc("fc", stream, self.group("logits", num_classes, prunable=False))
         self._check_widths_used()
 
-    def forward(self, x, training, tap=None):
+    def _stem(self, x, training, tap=None):
         x = tf.nn.relu(self.stem_bn(self.stem(x), training))
         if self.imagenet_stem:
             x = tf.nn.max_pool2d(x, 3, 2, "SAME")
-        x = self.tapped(tap, self.stem.out_group, x)
-        for block in self.blocks:
-            if "conv3" in block:
-                shortcut = block["bn3"](block["conv3"](x), training)
-            else:
-                shortcut = x
-            y = x
-            if "conv0" in block:
-                y = tf.nn.relu(block["bn0"](block["conv0"](y), training))
-                y = self.tapped(tap, block["conv0"].out_group, y)
-            y = tf.nn.relu(block["bn1"](block["conv1"](y), training))
-            y = self.tapped(tap, block["conv1"].out_group, y)
-            y = block["bn2"](block["conv2"](y), training)
-            x = self.tapped(tap, block["conv2"].out_group, tf.nn.relu(y + shortcut))
-        x = tf.reduce_mean(x, [1, 2])
-        return self.fc_layer(x)
+        return self.tapped(tap, self.stem.out_group, x)
 
+    def _block(self, block, x, training, tap=None):
+        if "conv3" in block:
+            shortcut = block["bn3"](block["conv3"](x), training)
+        else:
+            shortcut = x
+        y = x
+        if "conv0" in block:
+            y = tf.nn.relu(block["bn0"](block["conv0"](y), training))
+            y = self.tapped(tap, block["conv0"].out_group, y)
+        y = tf.nn.relu(block["bn1"](block["conv1"](y), training))
+        y = self.tapped(tap, block["conv1"].out_group, y)
+        y = block["bn2"](block["conv2"](y), training)
+        return self.tapped(tap, block["conv2"].out_group, tf.nn.relu(y + shortcut))
+
+    def _head(self, x, training, tap=None):
+        return self.fc_layer(tf.reduce_mean(x, [1, 2]))
+
+    def segments(self):
+        def keys(*layers):
+            return frozenset(g.key for layer in layers for g in layer.groups())
+
+        segments = [Segment(self._stem, keys(self.stem))]
+        for block in self.blocks:
+            segments.append(Segment(functools.partial(self._block, block), keys(*block.values())))
+        return segments + [Segment(self._head, keys(self.fc_layer))]
+
+    def forward(self, x, training, tap=None):
+        for segment in self.segments():
+            x = segment.fn(x, training, tap)
+        return x
 
 for _depth in (20, 32, 56, 110):
     register(f"ResNet-{_depth}", ResNet, blocks=[(_depth - 2) // 6] * 3)

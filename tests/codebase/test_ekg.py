@@ -83,7 +83,7 @@ def test_one_step_takes_the_lowest_objective_among_otsu_candidates(monkeypatch):
     objective[keys[5]] = 0.5  # the best J, but only if it is a candidate
     tried = []
 
-    def fake_evaluate(knowledge):
+    def fake_evaluate(knowledge, key=None):
         changed = [k for k in keys if search.groups[k].active() < search.groups[k].size]
         tried.append(changed[0])
         return np.ones_like(state.knowledge), 0.5, 1.0, objective[changed[0]]
@@ -108,12 +108,30 @@ def test_search_reaches_target_without_retracing_and_resumes(tmp_path):
     search = tiny_search(on_step=lambda state, info: steps.append(json.dumps(state.to_json())))
     final = search.run()
     assert search.flops_rate(final.rates) <= 0.8 < search.flops_rate(final.history[-2][0])
-    assert search.trace_count == 4  # score and evaluate, for a full and a last partial batch
+    traces = search.trace_count
+    tiny_trace = tiny_search()
+    tiny_trace.run(SearchState.from_json(json.loads(steps[0])))
+    # Later steps trace nothing: every function is traced once per batch shape in the first step.
+    assert tiny_trace.trace_count == traces
     assert final.curves[-1][3] == pytest.approx(search.flops_rate(final.rates))
     # Resume from the state saved after step 2: the search ends where the uninterrupted one did.
     resumed = tiny_search().run(SearchState.from_json(json.loads(steps[1])))
     assert resumed.rates == final.rates
     assert all(np.array_equal(resumed.orders[k], final.orders[k]) for k in final.orders)
+
+
+def test_candidates_evaluated_from_cached_segments_match_a_full_pass():
+    search = tiny_search()
+    state = search.initial_state()
+    search.apply(state.rates, state.orders)
+    search._run_segments(0, keep_cache=True)
+    for key in search.keys[::3]:
+        rates = dict(state.rates)
+        rates[key] = search.next_rate(state.rates, key)
+        search.apply(rates, state.orders)
+        cached, full = search.evaluate(state.knowledge, key), search.evaluate(state.knowledge)
+        np.testing.assert_allclose(cached[0], full[0], atol=1e-5)
+        assert cached[3] == pytest.approx(full[3], rel=1e-5)
 
 
 def test_pick_teachers_at_even_loss_levels():

@@ -94,9 +94,11 @@ class GreedySearch:
         search_step: the width step of a gate used once per forward pass.
         batch_size: search batch size (BN statistics are per batch).
         on_step: optional callback `on_step(state, info)` after every accepted step.
+        cache_mb: memory for cached segment inputs; fewer boundaries are cached if they do not fit.
     """
 
-    def __init__(self, net, images, labels, target_rate=0.45, search_step=0.2, batch_size=256, on_step=None):
+    def __init__(self, net, images, labels, target_rate=0.45, search_step=0.2, batch_size=256, on_step=None,
+                 cache_mb=1024):
         self.net, self.target_rate, self.search_step, self.on_step = net, target_rate, search_step, on_step
         self.groups = net.prunable_groups()
         self.keys = list(self.groups)
@@ -111,7 +113,14 @@ class GreedySearch:
         net.options.set(renorm=True, freeze_bn=True)
         self.trace_count = 0
         self._score_fn = tf.function(self._score_batch)
-        self._eval_fn = tf.function(self._eval_batch)
+        self._metrics_fn = tf.function(self._metrics)
+        # Candidates are evaluated from cached segment inputs: lowering one group's width cannot
+        # change what the segments before its first use compute.
+        self.segments = net.segments()
+        self._segment_fns = [tf.function(self._segment_runner(seg.fn)) for seg in self.segments]
+        self.first_use = {k: min(i for i, seg in enumerate(self.segments) if k in seg.groups) for k in self.keys}
+        self.cached = self._choose_boundaries(images[:1], cache_mb)
+        self._cache = None
 
     # === Compiled pieces ===
     def _tap(self, group, x):
@@ -145,12 +154,43 @@ class GreedySearch:
             loss = tf.reduce_sum(j) / float(self.batches[0][0].shape[0])
         return tape.gradient(loss, probes)
 
-    def _eval_batch(self, images, labels, knowledge):
+    def _segment_runner(self, fn):
+        def run(x):
+            self.trace_count += 1
+            return fn(x, True)
+
+        return run
+
+    def _metrics(self, logits, labels, knowledge):
         self.trace_count += 1
-        logits = self.net(images, training=True)
         ce, j = self._objective(logits, labels, knowledge)
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
-        return logits, tf.reduce_sum(ce), tf.reduce_sum(j), correct
+        return tf.reduce_sum(ce), tf.reduce_sum(j), correct
+
+    def _choose_boundaries(self, image, cache_mb) -> list:
+        """Segment indices whose inputs are cached: all of them if they fit in `cache_mb`."""
+        sizes, x = [], tf.constant(image, tf.float32)
+        for seg in self.segments[:-1]:
+            x = seg.fn(x, False)
+            sizes.append(int(np.prod(x.shape)) * 4 * self.count)
+        stride = max(1, math.ceil(sum(sizes) / (cache_mb * 2 ** 20)))
+        return [0] + [i + 1 for i in range(len(sizes)) if (i + 1) % stride == 0]
+
+    def _run_segments(self, start: int, keep_cache: bool):
+        """Logits of every validation batch, running segments from `start` on cached inputs."""
+        outputs, cache = [], []
+        for b, (images, _) in enumerate(self.batches):
+            x = images if start == 0 else self._cache[b][start]
+            inputs = {0: images}
+            for i in range(start, len(self.segments)):
+                if keep_cache and i in self.cached:
+                    inputs[i] = x
+                x = self._segment_fns[i](x)
+            outputs.append(x)
+            cache.append(inputs)
+        if keep_cache:
+            self._cache = cache
+        return outputs
 
     # === Host-side pieces ===
     def widths(self, rates) -> dict:
@@ -163,15 +203,24 @@ class GreedySearch:
         for k in self.keys:
             self.groups[k].set_mask(orders[k] < keep_count(rates[k], self.groups[k].size))
 
-    def evaluate(self, knowledge):
-        """(logits, accuracy, mean CE, mean J) of the current masks on the validation set."""
-        logits, ce, j, correct, start = [], 0.0, 0.0, 0.0, 0
-        for images, labels in self.batches:
-            end = start + int(labels.shape[0])
-            out = self._eval_fn(images, labels, tf.constant(knowledge[start:end]))
-            logits.append(out[0].numpy())
-            ce, j, correct, start = ce + float(out[1]), j + float(out[2]), correct + float(out[3]), end
-        return np.concatenate(logits), correct / self.count, ce / self.count, j / self.count
+    def evaluate(self, knowledge, key=None):
+        """(logits, accuracy, mean CE, mean J) of the current masks on the validation set.
+
+        With `key`, only the masks of that group differ from those the cache was built with,
+        so the segments before its first use are skipped.
+        """
+        if key is None:
+            outputs = self._run_segments(0, keep_cache=False)
+        else:
+            start = max(b for b in self.cached if b <= self.first_use[key])
+            outputs = self._run_segments(start, keep_cache=False)
+        ce = j = correct = 0.0
+        begin = 0
+        for (_, labels), logits in zip(self.batches, outputs):
+            end = begin + int(labels.shape[0])
+            out = self._metrics_fn(logits, labels, tf.constant(knowledge[begin:end]))
+            ce, j, correct, begin = ce + float(out[0]), j + float(out[1]), correct + float(out[2]), end
+        return np.concatenate([o.numpy() for o in outputs]), correct / self.count, ce / self.count, j / self.count
 
     def score(self, knowledge) -> dict:
         """Per-channel scores of every group, summed over the validation set."""
@@ -240,11 +289,13 @@ class GreedySearch:
             state.orders = {k: self.rank(scores[k], self.groups[k].mask_numpy()) for k in self.keys}
             best = None
             candidates = self.candidates(scores, state.rates)
+            self.apply(state.rates, state.orders)  # new orders: cache the accepted net's segments
+            self._run_segments(0, keep_cache=True)
             for key in candidates:
                 rates = dict(state.rates)
                 rates[key] = self.next_rate(state.rates, key)
                 self.apply(rates, state.orders)
-                logits, acc, ce, j = self.evaluate(state.knowledge)
+                logits, acc, ce, j = self.evaluate(state.knowledge, key)
                 if best is None or j < best[0]:
                     best = (j, key, rates, logits, acc, ce)
             j, key, rates, logits, acc, ce = best
