@@ -8,19 +8,12 @@
 See docs/usage.md for every flag; `--config FILE` reads flags from JSON.
 """
 
-from codebase.cli import guarded
-from codebase.config import Config, parse_config
+from codebase.cli import training_main
+from codebase.config import Config
 
 PRESET = Config(arch="ResNet-56", dataset="cifar10", train_path="runs/resnet56_cifar10")
 
-
-@guarded
-def main(argv=None):
-    cfg = parse_config(argv, PRESET, description=__doc__.splitlines()[0])
-    from codebase.pipeline import run  # imports TensorFlow, after the flags are checked
-
-    return run(cfg)
-
+main = training_main(PRESET, __doc__.splitlines()[0])
 
 if __name__ == "__main__":
     main()

@@ -8,21 +8,14 @@
 See docs/usage.md for every flag; `--config FILE` reads flags from JSON.
 """
 
-from codebase.cli import guarded
-from codebase.config import Config, parse_config
+from codebase.cli import training_main
+from codebase.config import Config
 
 PRESET = Config(arch="ResNet-50", dataset="imagenet", train_path="runs/resnet50_imagenet", learning_rate=0.1,
                 batch_size=256, val_batch_size=250, train_epoch=90, decay_points=(0.33, 0.67, 0.89),
                 decay_rate=0.1, weight_decay=1e-4)
 
-
-@guarded
-def main(argv=None):
-    cfg = parse_config(argv, PRESET, description=__doc__.splitlines()[0])
-    from codebase.pipeline import run  # imports TensorFlow, after the flags are checked
-
-    return run(cfg)
-
+main = training_main(PRESET, __doc__.splitlines()[0])
 
 if __name__ == "__main__":
     main()

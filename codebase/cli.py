@@ -21,3 +21,18 @@ def guarded(main):
             raise SystemExit(2) from None
 
     return wrapper
+
+
+def training_main(preset, description: str):
+    """The `main(argv=None)` of a training script with its own preset Config."""
+
+    @guarded
+    def main(argv=None):
+        from codebase.config import parse_config
+
+        cfg = parse_config(argv, preset, description=description)
+        from codebase.pipeline import run  # imports TensorFlow, after the flags are checked
+
+        return run(cfg)
+
+    return main
