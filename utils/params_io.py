@@ -9,8 +9,6 @@ metadata, not parameters, and are ignored everywhere in this module.
 A pickle can run arbitrary code when loaded, and params files get passed around, so
 :func:`load_params` only admits the few globals that plain arrays need.
 """
-import collections
-import importlib
 import os
 import pickle
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
@@ -19,81 +17,15 @@ import numpy as np
 
 from utils.atomic import atomic_write_bytes
 from utils.errors import ParamsError
+from utils.safe_pickle import RestrictedUnpickler
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 # Protocol 4 keeps arrays in-band and is read by every Python 3.8+ toolchain.
 _PROTOCOL = 4
 
-# numpy moved its internals from numpy.core to numpy._core in 2.0; pickles name whichever
-# was current when they were written (the reference file says numpy.core.multiarray).
-_NUMPY_INTERNALS = {
-    ("multiarray", "_reconstruct"),
-    ("multiarray", "scalar"),
-    ("numeric", "_frombuffer"),
-}
-
-
 def _is_dunder(key: Any) -> bool:
     return isinstance(key, str) and key.startswith("__") and key.endswith("__")
-
-
-def _numpy_internal(submodule: str, name: str) -> Any:
-    """Resolves numpy.{_core,core}.<submodule>.<name>, preferring the current location.
-
-    Importing ``numpy.core`` on numpy 2 goes through a deprecation shim, so the new
-    location is tried first and the old one only on numpy 1.x.
-    """
-    for package in ("numpy._core", "numpy.core"):
-        try:
-            return getattr(importlib.import_module(f"{package}.{submodule}"), name)
-        except (ImportError, AttributeError):
-            continue
-    raise ImportError(f"numpy has no {submodule}.{name}")
-
-
-def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
-    """Stand-in for ``_codecs.encode`` that protocol-2 pickles use to rebuild bytes.
-
-    The real function accepts any codec name; only the latin-1 round trip that pickle
-    itself emits is let through.
-    """
-    if encoding != "latin1" or not isinstance(text, str):
-        raise pickle.UnpicklingError("_codecs.encode is only allowed with latin1 text")
-    return text.encode("latin1")
-
-
-def _resolve_allowed(module: str, name: str) -> Optional[Any]:
-    """Returns the object for an admitted global, or None if it is not admitted."""
-    if (module, name) == ("collections", "OrderedDict"):
-        return collections.OrderedDict
-    if module == "numpy" and name in ("ndarray", "dtype"):
-        return getattr(np, name)
-    if module in ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric",
-                  "numpy._core.numeric"):
-        submodule = module.rsplit(".", 1)[1]
-        if (submodule, name) in _NUMPY_INTERNALS:
-            return _numpy_internal(submodule, name)
-    if (module, name) == ("_codecs", "encode"):
-        return _latin1_encode
-    return None
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that only builds plain containers and numpy arrays."""
-
-    def __init__(self, file: Any, path: str) -> None:
-        super().__init__(file)
-        self._path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        obj = _resolve_allowed(module, name)
-        if obj is None:
-            raise ParamsError(
-                f"refusing to load {self._path}: it asks for {module}.{name}, which could "
-                "run code; only arrays and plain containers are allowed"
-            )
-        return obj
 
 
 def _one_line(text: str) -> str:
@@ -126,7 +58,9 @@ def load_params(path: PathLike) -> Dict[str, np.ndarray]:
         raise ParamsError(f"cannot read params from {path}: {err.strerror}") from None
     try:
         with handle:
-            obj = _RestrictedUnpickler(handle, path).load()
+            obj = RestrictedUnpickler(handle, lambda name: ParamsError(
+                f"refusing to load {path}: it asks for {name}, which could run code; "
+                "only arrays and plain containers are allowed")).load()
     except ParamsError:
         raise
     except EOFError:
