@@ -13,3 +13,15 @@ _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
 )
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _global_seed():
+    # Runs through codebase.pipeline turn op determinism on for the rest of the process, and
+    # determinism refuses unseeded random ops; a fixed global seed per test keeps tests
+    # independent of the order they run in.
+    tf.random.set_seed(0)
+    yield
