@@ -20,9 +20,9 @@ which a busy machine disturbs less than wall time. The data are
 in-memory random CIFAR-shaped batches (32x32x3 floats, 10 classes), so no input pipeline
 is measured.
 
-Usage (about 2 minutes on 2 cores with the defaults)::
+Usage (about 5 minutes on 2 cores with the defaults)::
 
-    python benchmarks/mask_overhead.py [--steps 3] [--rounds 5] [--batch_size 128]
+    python benchmarks/mask_overhead.py [--steps 2] [--rounds 5] [--batch_size 128]
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ _LIMIT = 15.0  # % overhead allowed for the masked step
 
 def _parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3, help="training steps per round")
+    parser.add_argument("--steps", type=int, default=2, help="training steps per round")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=2,

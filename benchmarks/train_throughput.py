@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -64,6 +65,9 @@ def _parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--fit_strategy", choices=("default", "mirrored"), default="default",
                         help="model.fit with one replica: plain Keras (default) or a "
                              "MirroredStrategy over one CPU like the engine")
+    parser.add_argument("--child_env", action="append", default=[], metavar="NAME=VALUE",
+                        help="parent: set this environment variable in every child (repeatable), "
+                             "e.g. TF_CPU_ALLOCATOR_USE_BFC=true")
     parser.add_argument("--timeout", type=float, default=1800.0,
                         help="parent: seconds allowed per configuration")
     parser.add_argument("--arch_depth", type=int, default=56)
@@ -83,6 +87,13 @@ def _synthetic(tf, batch_size: int, batches: int = 4, seed: int = 0):
     labels = rng.integers(0, 10, batches * batch_size).astype(np.int32)
     ds = tf.data.Dataset.from_tensor_slices((images, labels))
     return ds.batch(batch_size, drop_remainder=True).cache().repeat().prefetch(2)
+
+
+def _usage_since(before) -> dict:
+    """User and system CPU seconds and minor page faults of this process since ``before``."""
+    now = resource.getrusage(resource.RUSAGE_SELF)
+    return dict(user_s=now.ru_utime - before.ru_utime, sys_s=now.ru_stime - before.ru_stime,
+                minor_faults=now.ru_minflt - before.ru_minflt)
 
 
 # === Children ==================================================================================
@@ -114,13 +125,12 @@ def _engine(args, replicas: int, xla: bool) -> dict:
     first = time.perf_counter() - start
     for _ in range(args.warmup - 1):
         step()
-    times, cpu = [], time.process_time()
+    times, usage = [], resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(args.steps):
         start = time.perf_counter()
         loss = step()
         times.append(time.perf_counter() - start)
-    cpu = time.process_time() - cpu
-    return dict(first_step_s=first, step_s=times, cpu_s=cpu, loss=loss,
+    return dict(first_step_s=first, step_s=times, usage=_usage_since(usage), loss=loss,
                 devices=list(strategy.extended.worker_devices), tf=tf.__version__)
 
 
@@ -170,12 +180,12 @@ def _fit(args, replicas: int, xla: bool) -> dict:
     if args.warmup > 1:
         model.fit(ds, epochs=1, steps_per_epoch=args.warmup - 1, verbose=0, shuffle=False,
                   callbacks=[warm])
-    timer, cpu = StepTimer(), time.process_time()
+    timer, usage = StepTimer(), resource.getrusage(resource.RUSAGE_SELF)
     model.fit(ds, epochs=1, steps_per_epoch=args.steps, verbose=0, shuffle=False, callbacks=[timer])
-    cpu = time.process_time() - cpu  # includes fit's set-up and tear-down
+    usage = _usage_since(usage)  # includes fit's set-up and tear-down
     devices = list(strategy.extended.worker_devices) if replicas > 1 \
         or args.fit_strategy == "mirrored" else ["default strategy"]
-    return dict(first_step_s=first, step_s=timer.times, cpu_s=cpu, loss=timer.loss,
+    return dict(first_step_s=first, step_s=timer.times, usage=usage, loss=timer.loss,
                 devices=devices, tf=tf.__version__,
                 keras=keras.__version__)
 
@@ -191,7 +201,8 @@ def _child(args) -> int:
     result = (_engine if args.one == "engine" else _fit)(args, replicas, xla)
     times = result.pop("step_s")
     total = sum(times)
-    result["cpu_ms_per_step"] = result.pop("cpu_s") / len(times) * 1e3
+    usage = result.pop("usage")
+    result.update({f"{key}_per_step": value / len(times) for key, value in usage.items()})
     result.update(
         impl=args.one, xla=args.xla, replicas=replicas, batch_size=args.batch_size,
         warmup=args.warmup, steps=len(times), images_per_s=args.batch_size * len(times) / total,
@@ -225,6 +236,7 @@ def _launch(args, impl: str, xla: str, replicas: str) -> dict:
            "--arch_depth", str(args.arch_depth)]
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.update(item.split("=", 1) for item in args.child_env)
     print(f"# running: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
@@ -252,6 +264,8 @@ def _fmt(value, spec: str) -> str:
 
 def _parent(args) -> int:
     xlas, replicas, impls = _split(args.xla), _split(args.replicas), _split(args.impls)
+    if any("=" not in item for item in args.child_env):
+        raise SystemExit("--child_env takes NAME=VALUE")
     if not set(xlas) <= {"off", "on"} or not all(r.isdigit() and int(r) > 0 for r in replicas) \
             or not impls or not set(impls) <= set(_IMPLS):
         raise SystemExit("bad --xla/--replicas/--impls")
@@ -283,7 +297,8 @@ def _parent(args) -> int:
           f"1-min load average {min(loads, default=float('nan')):.2f}-"
           f"{max(loads, default=float('nan')):.2f} during the runs "
           f"(1/5/15 min before {'/'.join(f'{x:.2f}' for x in load_before)}, after "
-          f"{'/'.join(f'{x:.2f}' for x in load_after)}).")
+          f"{'/'.join(f'{x:.2f}' for x in load_after)})."
+          + (f" Child environment: {' '.join(args.child_env)}." if args.child_env else ""))
     print()
     print("| XLA | replicas | engine images/s | model.fit images/s | engine / fit "
           "| engine median step (ms) | fit median step (ms) | engine first step (s) "
@@ -310,6 +325,19 @@ def _parent(args) -> int:
         slower = [f"XLA {x}, {r} replica(s): {ratio:.2f}" for (x, r), ratio in verdicts if ratio < 1.0]
         print("Requirement (engine at least as fast as model.fit): "
               + ("PASS" if not slower else "FAIL for " + "; ".join(slower)))
+    print()
+    print("Per timed step (medians over repeats; for model.fit including its set-up): CPU time "
+          "of all threads split into user and system, and minor page faults.")
+    print()
+    print("| XLA | replicas | implementation | user CPU (ms) | system CPU (ms) "
+          "| minor page faults |")
+    print("|---|---:|---|---:|---:|---:|")
+    for key in order:
+        if runs[key]:
+            print(f"| {key[0]} | {key[1]} | {'engine' if key[2] == 'engine' else 'model.fit'} | "
+                  f"{median(key, 'user_s_per_step') * 1e3:.0f} | "
+                  f"{median(key, 'sys_s_per_step') * 1e3:.0f} | "
+                  f"{median(key, 'minor_faults_per_step'):,.0f} |")
     return 1 if errors else 0
 
 
