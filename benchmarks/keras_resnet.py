@@ -81,7 +81,8 @@ def cifar_resnet(depth: int = 56, num_classes: int = 10, input_size: int = 32):
             y = keras.layers.ReLU(name=name + "relu1")(_bn(keras, name + "bn1")(y))
             y = _conv(keras, depth_i, 3, 1, name + "conv2")(y)
             y = _bn(keras, name + "bn2", gamma_zero=True)(y)
-            x = keras.layers.ReLU(name=name + "relu2")(keras.layers.Add(name=name + "add")([y, shortcut]))
+            x = keras.layers.Add(name=name + "add")([y, shortcut])
+            x = keras.layers.ReLU(name=name + "relu2")(x)
             in_depth = depth_i
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     logits = keras.layers.Dense(

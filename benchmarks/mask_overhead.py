@@ -9,7 +9,7 @@ Configurations, each its own net, optimizer and Trainer (SGD, XLA off, one repli
 * ``unmasked``: ``nets.build("ResNet-56", masked=False)``;
 * ``masked, all ones``: ``masked=True`` with every mask 1;
 * ``masked, ~50% kept``: random masks keeping about half of every prunable group;
-* ``masked, ~50% kept, renorm``: the same with ``net.options.set(renorm=True)``.
+* ``masked, ~50% kept, renorm``: the same masks with ``net.options.set(renorm=True)``.
 
 Every configuration is first traced and warmed up; then rounds of ``--steps`` steps run
 interleaved (A, B, C, D, A, B, C, D, ...) so that a change of machine load hits every
@@ -62,8 +62,12 @@ def _parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def _random_masks(net, keep: float, rng: np.random.Generator) -> float:
-    """Masks keeping about ``keep`` of every prunable group; returns the kept fraction."""
+def _random_masks(net, keep: float, seed: int) -> float:
+    """Masks keeping about ``keep`` of every prunable group; returns the kept fraction.
+
+    The same ``seed`` gives the same masks on nets of the same architecture.
+    """
+    rng = np.random.default_rng(seed)
     kept = total = 0
     for group in net.prunable_groups().values():
         mask = (rng.random(group.size) < keep).astype(np.float32)
@@ -97,7 +101,6 @@ def main(argv=None) -> int:
     from op_utils.optim import SGD
     from op_utils.trainer import Trainer
 
-    rng = np.random.default_rng(args.seed)
     tf.random.set_seed(args.seed)
     configs = []  # (name, trainer, note)
     for name, masked, random_masks, renorm in (
@@ -111,7 +114,7 @@ def main(argv=None) -> int:
             optimizer = SGD(0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
         note = ""
         if random_masks:
-            note = f"{_random_masks(net, args.keep, rng):.0%} of prunable channels kept"
+            note = f"{_random_masks(net, args.keep, args.seed):.0%} of prunable channels kept"
         if masked:
             net.options.set(renorm=renorm)
         trainer = Trainer(strategy, net, optimizer, global_batch_size=args.batch_size,

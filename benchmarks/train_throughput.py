@@ -20,10 +20,16 @@ held in memory (no input pipeline is measured). Each child runs ``--warmup`` unt
 the step's results on the host after every step (the engine's loop reads the loss for
 its NaN check; Keras reads its logs for the per-batch callback that does the timing).
 
-Usage (the full table takes about 15 minutes on 2 loaded cores; XLA on a CPU is slow)::
+A second table gives, per timed step, the user and system CPU time and the minor page
+faults of each child: on this CPU a step under a ``tf.distribute`` strategy with
+TensorFlow's default CPU allocator takes ~1M page faults and seconds of system time (see
+``docs/benchmarks.md``); ``--child_env TF_CPU_ALLOCATOR_USE_BFC=true`` measures the fix.
 
-    python benchmarks/train_throughput.py [--warmup 3] [--steps 10] [--repeats 1]
+Usage (the full list takes 10-15 minutes on 2 cores; XLA on a CPU is slow)::
+
+    python benchmarks/train_throughput.py [--warmup 3] [--steps 8] [--repeats 1]
     python benchmarks/train_throughput.py --xla off --replicas 1,2       # a subset
+    python benchmarks/train_throughput.py --child_env TF_CPU_ALLOCATOR_USE_BFC=true
     python benchmarks/train_throughput.py --one engine --xla off --replicas 2   # one child
 """
 
@@ -92,8 +98,8 @@ def _synthetic(tf, batch_size: int, batches: int = 4, seed: int = 0):
 def _usage_since(before) -> dict:
     """User and system CPU seconds and minor page faults of this process since ``before``."""
     now = resource.getrusage(resource.RUSAGE_SELF)
-    return dict(user_s=now.ru_utime - before.ru_utime, sys_s=now.ru_stime - before.ru_stime,
-                minor_faults=now.ru_minflt - before.ru_minflt)
+    return {"user_s": now.ru_utime - before.ru_utime, "sys_s": now.ru_stime - before.ru_stime,
+            "minor_faults": now.ru_minflt - before.ru_minflt}
 
 
 # === Children ==================================================================================
@@ -130,8 +136,8 @@ def _engine(args, replicas: int, xla: bool) -> dict:
         start = time.perf_counter()
         loss = step()
         times.append(time.perf_counter() - start)
-    return dict(first_step_s=first, step_s=times, usage=_usage_since(usage), loss=loss,
-                devices=list(strategy.extended.worker_devices), tf=tf.__version__)
+    return {"first_step_s": first, "step_s": times, "usage": _usage_since(usage), "loss": loss,
+            "devices": list(strategy.extended.worker_devices), "tf": tf.__version__}
 
 
 def _fit(args, replicas: int, xla: bool) -> dict:
@@ -185,9 +191,8 @@ def _fit(args, replicas: int, xla: bool) -> dict:
     usage = _usage_since(usage)  # includes fit's set-up and tear-down
     devices = list(strategy.extended.worker_devices) if replicas > 1 \
         or args.fit_strategy == "mirrored" else ["default strategy"]
-    return dict(first_step_s=first, step_s=timer.times, usage=usage, loss=timer.loss,
-                devices=devices, tf=tf.__version__,
-                keras=keras.__version__)
+    return {"first_step_s": first, "step_s": timer.times, "usage": usage, "loss": timer.loss,
+            "devices": devices, "tf": tf.__version__, "keras": keras.__version__}
 
 
 def _child(args) -> int:
@@ -241,14 +246,15 @@ def _launch(args, impl: str, xla: str, replicas: str) -> dict:
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=_ROOT,
-                              timeout=args.timeout)
+                              timeout=args.timeout, check=False)
     except subprocess.TimeoutExpired:
-        return dict(impl=impl, xla=xla, replicas=int(replicas), error=f"timeout {args.timeout}s")
+        return {"impl": impl, "xla": xla, "replicas": int(replicas),
+                "error": f"timeout {args.timeout}s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
         reason = _error_reason(proc.stderr)
         print(f"#   FAILED (exit {proc.returncode}): {reason}", file=sys.stderr, flush=True)
-        return dict(impl=impl, xla=xla, replicas=int(replicas), error=reason)
+        return {"impl": impl, "xla": xla, "replicas": int(replicas), "error": reason}
     result = json.loads(lines[-1])
     print(f"#   {result['images_per_s']:.1f} images/s, median step "
           f"{result['median_step_ms']:.0f} ms, first step {result['first_step_s']:.1f} s, "
@@ -292,8 +298,10 @@ def _parent(args) -> int:
           f"wd 5e-4; {args.warmup} warm-up steps then {args.steps} timed steps per "
           f"configuration, each in its own process; {args.repeats} repeat(s)"
           + (" (medians shown)" if args.repeats > 1 else "") + ".")
+    one = "plain Keras, no strategy" if args.fit_strategy == "default" \
+        else "MirroredStrategy over 1 CPU"
     print(f"Python {platform.python_version()}, {os.cpu_count()} CPUs; model.fit with one "
-          f"replica: {'plain Keras, no strategy' if args.fit_strategy == 'default' else 'MirroredStrategy over 1 CPU'}; "
+          f"replica: {one}; "
           f"1-min load average {min(loads, default=float('nan')):.2f}-"
           f"{max(loads, default=float('nan')):.2f} during the runs "
           f"(1/5/15 min before {'/'.join(f'{x:.2f}' for x in load_before)}, after "
@@ -322,7 +330,8 @@ def _parent(args) -> int:
             print(f"| {x} | {r} | " + " | ".join(cells) + " |")
     print()
     if verdicts:
-        slower = [f"XLA {x}, {r} replica(s): {ratio:.2f}" for (x, r), ratio in verdicts if ratio < 1.0]
+        slower = [f"XLA {x}, {r} replica(s): {ratio:.2f}"
+                  for (x, r), ratio in verdicts if ratio < 1.0]
         print("Requirement (engine at least as fast as model.fit): "
               + ("PASS" if not slower else "FAIL for " + "; ".join(slower)))
     print()
