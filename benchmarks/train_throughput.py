@@ -23,7 +23,8 @@ its NaN check; Keras reads its logs for the per-batch callback that does the tim
 A second table gives, per timed step, the user and system CPU time and the minor page
 faults of each child: on this CPU a step under a ``tf.distribute`` strategy with
 TensorFlow's default CPU allocator takes ~1M page faults and seconds of system time (see
-``docs/benchmarks.md``); ``--child_env TF_CPU_ALLOCATOR_USE_BFC=true`` measures the fix.
+``docs/benchmarks.md``). ``make_strategy`` now selects the BFC allocator for the engine;
+``--child_env TF_CPU_ALLOCATOR_USE_BFC=true`` gives model.fit the same, ``=false`` neither.
 
 Usage (the full list takes 10-15 minutes on 2 cores; XLA on a CPU is slow)::
 

@@ -9,7 +9,7 @@ import os
 
 import tensorflow as tf
 
-from utils.devices import has_gpu, split_cpu, visible_gpus
+from utils.devices import has_gpu, split_cpu, use_bfc_allocator, visible_gpus
 from utils.errors import ConfigError
 from utils.logs import get_logger
 
@@ -73,6 +73,7 @@ def make_strategy(gpu_id: str | None = None, num_replicas: int = 1) -> tf.distri
     """
     if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
         raise ConfigError(f"--num_replicas must be a positive integer, got {num_replicas!r}")
+    use_bfc_allocator()  # before anything below starts TensorFlow's runtime
     workers = _cluster_workers()
     if workers > 1:
         if gpu_id is not None:

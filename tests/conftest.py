@@ -6,6 +6,9 @@ multi-replica code (MirroredStrategy) runs on a CPU-only machine.
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# What op_utils.strategy.make_strategy sets in real runs (utils.devices.use_bfc_allocator);
+# it must be set before the split below starts TensorFlow's devices.
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 import tensorflow as tf  # noqa: E402
 

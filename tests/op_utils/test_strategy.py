@@ -41,3 +41,34 @@ def test_resolve_xla():
     for bad in ("yes", "", None, True):
         with pytest.raises(ConfigError, match="--compile"):
             resolve_xla(bad)
+
+
+_ALLOCATOR_PROBE = """
+import tensorflow as tf
+from op_utils.strategy import make_strategy
+make_strategy(None, {replicas})
+tf.random.normal([64, 64])
+try:
+    tf.config.experimental.get_memory_info("CPU:0")  # only the BFC allocator keeps stats
+    print("bfc")
+except ValueError:
+    print("default")
+"""
+
+
+@pytest.mark.parametrize("env_value, expected", [(None, "bfc"), ("false", "default")])
+def test_make_strategy_selects_the_caching_cpu_allocator(env_value, expected):
+    # Without it every step under a strategy re-maps its memory (docs/benchmarks.md, sec. 3).
+    import subprocess
+    import sys
+
+    from tests.op_utils.procs import REPO, toy_env
+
+    env = toy_env()
+    env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
+    if env_value is not None:
+        env["TF_CPU_ALLOCATOR_USE_BFC"] = env_value
+    out = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE.format(replicas=2)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == expected
