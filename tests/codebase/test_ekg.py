@@ -190,3 +190,29 @@ def test_pruning_pipeline_smoke(method, tmp_path):
         bank = np.load(run / "knowledge.npy")
         assert bank.shape == (80, 10, 5)
         assert json.loads((run / "stages.json").read_text())[-1] == "test"
+
+
+@pytest.mark.parametrize("cache_mb", [1024, 0.001])
+def test_checkpointed_scores_equal_one_tape_over_the_whole_net(cache_mb):
+    # cache_mb=0.001 caches only every few segment inputs: chunks of several segments.
+    search = tiny_search(cache_mb=cache_mb)
+    state = search.initial_state()
+    rates = {k: (0.5 if i % 2 else 1.0) for i, k in enumerate(search.keys)}
+    search.apply(rates, state.orders)
+    probes = list(search.probes.values())
+    expected = {k: np.zeros(search.groups[k].size) for k in search.keys}
+    begin = 0
+    for images, labels in search.batches:
+        end = begin + int(labels.shape[0])
+        with tf.GradientTape() as tape:
+            tape.watch(probes)
+            logits = search.net(images, training=True, tap=search._tap)
+            j = search._objective(logits, labels, tf.constant(state.knowledge[begin:end]))[1]
+            loss = tf.reduce_sum(j) / float(search.batches[0][0].shape[0])
+        for k, g in zip(search.keys, tape.gradient(loss, probes)):
+            expected[k] += g.numpy()
+        begin = end
+    got = search.score(state.knowledge)
+    for k in search.keys:
+        np.testing.assert_allclose(got[k], expected[k], rtol=1e-4, atol=1e-6)
+    assert any(expected[k].any() for k in search.keys)

@@ -112,7 +112,6 @@ class GreedySearch:
         # EKG's search conventions: renormalised masked kernels, batch statistics, no updates.
         net.options.set(renorm=True, freeze_bn=True)
         self.trace_count = 0
-        self._score_fn = tf.function(self._score_batch)
         self._metrics_fn = tf.function(self._metrics)
         # Candidates are evaluated from cached segment inputs: lowering one group's width cannot
         # change what the segments before its first use compute.
@@ -120,6 +119,11 @@ class GreedySearch:
         self._segment_fns = [tf.function(self._segment_runner(seg.fn)) for seg in self.segments]
         self.first_use = {k: min(i for i, seg in enumerate(self.segments) if k in seg.groups) for k in self.keys}
         self.cached = self._choose_boundaries(images[:1], cache_mb)
+        # The score pass is checkpointed at the same boundaries: each chunk of segments between two
+        # cached inputs is run again, taps on, and back-propagated on its own, so only one chunk's
+        # activations are alive at a time instead of the whole net's.
+        bounds = self.cached + [len(self.segments)]
+        self._chunk_fns = [tf.function(self._chunk_backward(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
         self._cache = None
 
     # === Compiled pieces ===
@@ -144,15 +148,31 @@ class GreedySearch:
         soft = -tf.reduce_sum(tf.nn.softmax(knowledge) * tf.nn.log_softmax(logits), -1)
         return ce, ce + soft
 
-    def _score_batch(self, images, labels, knowledge):
-        self.trace_count += 1
+    def _chunk_backward(self, start: int, end: int):
+        """`fn(x, upstream, labels, knowledge) -> (dJ/dx, per-probe scores)` for segments[start:end].
+
+        The last chunk ends in the logits and starts from `J` (summed over the batch and divided
+        by the first batch's size, as the reference divides by its search batch size); the others
+        start from `upstream`, the gradient of `J` with respect to their output.
+        """
+        last = end == len(self.segments)
         probes = list(self.probes.values())
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(probes)
-            logits = self.net(images, training=True, tap=self._tap)
-            _, j = self._objective(logits, labels, knowledge)
-            loss = tf.reduce_sum(j) / float(self.batches[0][0].shape[0])
-        return tape.gradient(loss, probes)
+        size = float(self.batches[0][0].shape[0])
+
+        def fn(x, upstream, labels, knowledge):
+            self.trace_count += 1
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch([x] + probes)
+                y = x
+                for segment in self.segments[start:end]:
+                    y = segment.fn(y, True, self._tap)
+                if last:
+                    y = tf.reduce_sum(self._objective(y, labels, knowledge)[1]) / size
+            grads = tape.gradient(y, [x] + probes, output_gradients=None if last else upstream,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return grads[0], grads[1:]
+
+        return fn
 
     def _segment_runner(self, fn):
         def run(x):
@@ -223,15 +243,24 @@ class GreedySearch:
         return np.concatenate([o.numpy() for o in outputs]), correct / self.count, ce / self.count, j / self.count
 
     def score(self, knowledge) -> dict:
-        """Per-channel scores of every group, summed over the validation set."""
+        """Per-channel scores of every group, summed over the validation set.
+
+        Runs the current net once, caching segment inputs (the candidates start from them), then
+        back-propagates chunk by chunk from the cached inputs (see `__init__`): the same scores
+        as one tape over the whole net, with the memory of one chunk.
+        """
+        self._run_segments(0, keep_cache=True)
         totals = {k: np.zeros(self.groups[k].size) for k in self.keys}
-        start = 0
-        for images, labels in self.batches:
-            end = start + int(labels.shape[0])
-            grads = self._score_fn(images, labels, tf.constant(knowledge[start:end]))
-            for k, g in zip(self.keys, grads):
-                totals[k] += g.numpy()
-            start = end
+        begin = 0
+        for b, (images, labels) in enumerate(self.batches):
+            end = begin + int(labels.shape[0])
+            target = tf.constant(knowledge[begin:end])
+            upstream = tf.zeros([0])
+            for c in reversed(range(len(self._chunk_fns))):
+                upstream, grads = self._chunk_fns[c](self._cache[b][self.cached[c]], upstream, labels, target)
+                for k, g in zip(self.keys, grads):
+                    totals[k] += g.numpy()
+            begin = end
         return totals
 
     @staticmethod
@@ -285,12 +314,12 @@ class GreedySearch:
         while self.flops_rate(state.rates) > self.target_rate:
             tic = time.perf_counter()
             self.apply(state.rates, state.orders)
-            scores = self.score(state.knowledge)
+            scores = self.score(state.knowledge)  # also caches the accepted net's segment inputs
             state.orders = {k: self.rank(scores[k], self.groups[k].mask_numpy()) for k in self.keys}
             best = None
             candidates = self.candidates(scores, state.rates)
-            self.apply(state.rates, state.orders)  # new orders: cache the accepted net's segments
-            self._run_segments(0, keep_cache=True)
+            # Re-ranking keeps the live channels live (they rank first), so the cache stays valid.
+            self.apply(state.rates, state.orders)
             for key in candidates:
                 rates = dict(state.rates)
                 rates[key] = self.next_rate(state.rates, key)
