@@ -48,6 +48,7 @@ class Config:
     do_log: int = 100
     ckpt_every_steps: Optional[int] = None
     resume: bool = False
+    stop_after: Optional[str] = None  # run control like --resume: not compared on resume
     # Compression methods (EKG names; ignored by --method none).
     baseline_epoch: int = 100  # training from scratch when no --trained_param is given
     search_target_rate: float = 0.45  # kept fraction of FLOPs (EKG convention)
@@ -129,6 +130,7 @@ _HELP = {
     "do_log": "steps between logged / TensorBoard step scalars",
     "ckpt_every_steps": "also checkpoint every this many steps (default: every epoch)",
     "resume": "continue the run in --train_path from its last checkpoint",
+    "stop_after": "stop after this stage of the method (e.g. search); --resume continues the run later",
     "search_target_rate": "stop the search when FLOPs (EKG convention) reach this fraction of the original",
     "search_step": "EKG width step of a gate (divided by the number of times its group is used)",
     "knowledge": "fine-tune with memory-bank distillation (--no-knowledge: plain cross-entropy)",

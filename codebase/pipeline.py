@@ -2,7 +2,9 @@
 
 `<train_path>/config.json` is the frozen config of the run; `<train_path>/stages.json` lists
 the finished stages. A new run refuses a folder that already holds one (nothing saved is
-overwritten); `--resume` continues it with the same config.
+overwritten); `--resume` continues it with the same config; `--stop_after STAGE` ends the process after that
+stage (to inspect a search before fine-tuning, or to time stages on their own). Wall-clock seconds
+of every stage run go to `<train_path>/timings.json`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 
 from codebase.config import Config, load_config
 from codebase.context import RunContext
@@ -22,6 +25,9 @@ from utils.seed import set_seed
 log = get_logger(__name__)
 
 
+_RUN_CONTROL = ("resume", "stop_after")  # flags that may differ between the runs of one folder
+
+
 def _check_run_folder(cfg: Config) -> None:
     saved = os.path.join(cfg.train_path, "config.json")
     if not os.path.exists(saved):
@@ -32,7 +38,7 @@ def _check_run_folder(cfg: Config) -> None:
     before = dataclasses.asdict(load_config(saved))
     now = dataclasses.asdict(cfg)
     for key in sorted(now):
-        if key != "resume" and before.get(key) != now[key]:
+        if key not in _RUN_CONTROL and before.get(key) != now[key]:
             raise ConfigError(f"--resume with a different --{key} ({now[key]!r}) than the saved run "
                               f"({before.get(key)!r}); resume with the original flags")
 
@@ -48,15 +54,26 @@ def run(cfg: Config) -> dict:
     set_seed(cfg.seed)
     ctx = RunContext(cfg)
     method = get_method(cfg.method)(ctx)
-    done_file = os.path.join(cfg.train_path, "stages.json")
+    stages = method.stages()
+    if cfg.stop_after is not None and cfg.stop_after not in [stage.name for stage in stages]:
+        raise ConfigError(f"--stop_after {cfg.stop_after!r} is not a stage of --method {cfg.method} "
+                          f"({', '.join(stage.name for stage in stages)})")
+    done_file, timings_file = (os.path.join(cfg.train_path, name) for name in ("stages.json", "timings.json"))
     done = json.load(open(done_file)) if os.path.exists(done_file) else []
-    for stage in method.stages():
+    timings = json.load(open(timings_file)) if os.path.exists(timings_file) else {}
+    for stage in stages:
         if stage.name in done:
             log.info("stage %s: already done", stage.name)
-            continue
-        log.info("stage %s", stage.name)
-        stage.run()
-        done.append(stage.name)
-        atomic_write_json(done_file, done)
+        else:
+            log.info("stage %s", stage.name)
+            tic = time.perf_counter()
+            stage.run()
+            timings[stage.name] = time.perf_counter() - tic  # of the process that finished the stage
+            atomic_write_json(timings_file, timings)
+            done.append(stage.name)
+            atomic_write_json(done_file, done)
+        if stage.name == cfg.stop_after:
+            log.info("stopping after stage %s (--stop_after); --resume continues the run", stage.name)
+            break
     results_file = os.path.join(cfg.train_path, "results.json")
     return json.load(open(results_file)) if os.path.exists(results_file) else {}

@@ -61,6 +61,20 @@ def test_resume_finishes_a_run_and_a_new_run_never_overwrites(cifar, tmp_path, c
     assert "different --learning_rate" in capsys.readouterr().err
 
 
+def test_stop_after_a_stage_then_resume(cifar, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["--arch", "ResNet-20", "--data_path", str(cifar), "--train_path", str(run), *TINY]
+    assert train_cifar.main(args + ["--stop_after", "train"]) == {}
+    assert json.loads((run / "stages.json").read_text()) == ["train"]
+    assert not (run / "results.json").exists()
+    assert train_cifar.main(args + ["--resume"])["top1"] >= 0  # --stop_after may differ on resume
+    assert json.loads((run / "stages.json").read_text()) == ["train", "test"]
+    assert set(json.loads((run / "timings.json").read_text())) == {"train", "test"}
+    with pytest.raises(SystemExit):
+        train_cifar.main(args[:5] + [str(tmp_path / "other")] + TINY + ["--stop_after", "search"])
+    assert "--stop_after 'search' is not a stage of --method none (train, test)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--data_path", "/nonexistent/cifar"], "/nonexistent/cifar"),
     (["--batch_size", "0"], "--batch_size must be positive"),
