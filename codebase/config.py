@@ -59,6 +59,15 @@ class Config:
     num_teacher: int = 5
     knowledge: bool = True  # memory-bank distillation while fine-tuning (off: plain CE)
     temperature: float = 0.0  # 0: 4, or 10 with 1000 classes or more
+    # ResRep (--method resrep; reference values of Ding et al. for ResNet-56 on CIFAR-10).
+    resrep_epoch: int = 480  # training with compactors; --train_epoch is the optional fine-tuning after
+    resrep_lambda: float = 1e-4  # group-lasso strength on the compactor rows
+    resrep_interval: int = 200  # steps between mask updates
+    resrep_before_mask: float = 5.0  # epochs of lasso only before the first mask update
+    resrep_target: float = 0.471  # kept fraction of FLOPs (EKG convention)
+    resrep_granularity: int = 4  # rows a mask update may close beyond those closed, while above target
+    resrep_momentum: float = 0.99  # SGD momentum of the compactors (no weight decay on them)
+    resrep_streams: bool = True  # also compact residual streams (the paper: single-writer groups only)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -68,6 +77,8 @@ class Config:
         positive = dict(learning_rate=self.learning_rate, batch_size=self.batch_size,
                         val_batch_size=self.val_batch_size, train_epoch=self.train_epoch,
                         num_replicas=self.num_replicas, accum=self.accum, do_log=self.do_log)
+        if self.method == "resrep" and self.train_epoch == 0:
+            positive.pop("train_epoch")  # ResRep's conversion is lossless: fine-tuning is optional
         for name, value in positive.items():
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"--{name} must be positive, got {value!r}")
@@ -81,6 +92,7 @@ class Config:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)!r}")
         if self.temperature < 0:
             raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
+        self._validate_resrep()
         for name in ("steps_per_epoch", "ckpt_every_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -106,6 +118,20 @@ class Config:
             raise ConfigError(f"--trained_param {self.trained_param} does not exist")
         return self
 
+    def _validate_resrep(self) -> None:
+        for name in ("resrep_epoch", "resrep_interval", "resrep_granularity"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)!r}")
+        if not (self.resrep_lambda >= 0 and self.resrep_before_mask >= 0):
+            raise ConfigError(f"--resrep_lambda and --resrep_before_mask must be >= 0, got "
+                              f"{self.resrep_lambda} and {self.resrep_before_mask}")
+        if not 0 < self.resrep_target < 1:
+            raise ConfigError(f"--resrep_target must be in (0, 1), got {self.resrep_target}")
+        if not 0 <= self.resrep_momentum < 1:
+            raise ConfigError(f"--resrep_momentum must be in [0, 1), got {self.resrep_momentum}")
+        if self.method == "resrep" and self.optimizer != "sgd":
+            raise ConfigError("--method resrep needs --optimizer sgd (the compactors have their own momentum)")
+
 
 # Fine-tuning defaults of the pruning methods: the EKG reference's train_cifar.py.
 METHOD_PRESETS = {
@@ -113,6 +139,10 @@ METHOD_PRESETS = {
                val_batch_size=256)
     for name in ("ekg", "l1", "random")
 }
+# ResRep's reference: cosine from 0.01 to 0 without warm-up, weight decay 1e-4, and no fine-tuning
+# (the conversion is lossless); batch 64 on CIFAR and 256 on ImageNet come from the scripts' flags.
+METHOD_PRESETS["resrep"] = dict(learning_rate=0.01, schedule="cosine", warmup_epochs=0.0, weight_decay=1e-4,
+                                momentum=0.9, train_epoch=0)
 
 _HELP = {
     "arch": "network, e.g. ResNet-56, ResNet-50, MobileNetV2, VGG-16",
@@ -135,6 +165,16 @@ _HELP = {
     "search_step": "EKG width step of a gate (divided by the number of times its group is used)",
     "knowledge": "fine-tune with memory-bank distillation (--no-knowledge: plain cross-entropy)",
     "temperature": "distillation temperature (0: 4, or 10 with >= 1000 classes)",
+    "train_epoch": "training epochs (with --method resrep: fine-tuning after the conversion, 0 = none)",
+    "resrep_epoch": "ResRep: epochs of training with compactors (the --learning_rate schedule spans them)",
+    "resrep_lambda": "ResRep: group-lasso strength on the compactor rows",
+    "resrep_interval": "ResRep: steps between mask updates",
+    "resrep_before_mask": "ResRep: epochs of lasso only before the first mask update",
+    "resrep_target": "ResRep: keep this fraction of the FLOPs (EKG convention)",
+    "resrep_granularity": "ResRep: rows one mask update may close beyond those already closed, while above target",
+    "resrep_momentum": "ResRep: SGD momentum of the compactors (they get no weight decay)",
+    "resrep_streams": "ResRep: also compact groups written by several convs, i.e. residual streams "
+                      "(--no-resrep_streams: only single-writer groups, the paper's internal layers)",
 }
 
 

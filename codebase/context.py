@@ -8,6 +8,7 @@ it, a gradient transform; they never touch the strategy, XLA or accumulation the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -48,6 +49,8 @@ def load_net(arch: str, path: str, masked: bool = False, **config):
         if nets.lookup(spec["arch"])[0] != nets.lookup(arch)[0]:
             raise ConfigError(f"{path} holds a {spec['arch']} (see {spec_file}), not --arch {arch}")
         net = nets.build(spec["arch"], widths=spec["widths"], masked=masked, **{**spec["config"], **config})
+        if spec.get("compactors"):
+            net.add_compactors(spec["compactors"])  # a ResRep net saved while training
         net.set_params(params)
         return net
     return nets.build_from_params(arch, params, masked=masked, **config)
@@ -83,11 +86,10 @@ class RunContext:
         `local=True` builds it outside the strategy (plain variables on the default device), for
         host-driven single-device work such as a search.
         """
-        if local:
+        with contextlib.nullcontext() if local else self.strategy.scope():
             new = nets.build_from_spec(net.spec(), masked=masked)
-        else:
-            with self.strategy.scope():
-                new = nets.build_from_spec(net.spec(), masked=masked)
+            if net.compactors:
+                new.add_compactors(list(net.compactors))
         new.set_params(net.get_params())
         return new
 
@@ -99,7 +101,9 @@ class RunContext:
         return self.cfg.steps_per_epoch or self.data.steps_per_epoch(self.cfg.batch_size)
 
     def make_optimizer(self, epochs: int, learning_rate: float | None = None, steps_per_epoch: int | None = None,
-                       constant: bool = False):
+                       constant: bool = False, overrides=None):
+        """The run's optimizer and schedule; `overrides` gives variables their own hyperparameters
+        (see `op_utils.optim.Optimizer`)."""
         cfg = self.cfg
         steps_per_epoch = steps_per_epoch or self.steps_per_epoch()
         total = max(1, epochs * steps_per_epoch)
@@ -112,14 +116,15 @@ class RunContext:
         else:
             schedule = schedules.StepDecay(lr, total, cfg.decay_points, cfg.decay_rate, warmup_steps=warmup)
         if cfg.optimizer == "adam":
-            return optim.Adam(schedule, weight_decay=cfg.weight_decay)
-        return optim.SGD(schedule, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+            return optim.Adam(schedule, weight_decay=cfg.weight_decay, overrides=overrides)
+        return optim.SGD(schedule, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay,
+                         overrides=overrides)
 
     def trainer(self, net, epochs: int, loss_fn=softmax_cross_entropy, grad_transform=None,
                 learning_rate: float | None = None, steps_per_epoch: int | None = None,
-                constant_lr: bool = False) -> Trainer:
+                constant_lr: bool = False, optimizer_overrides=None) -> Trainer:
         with self.strategy.scope():
-            optimizer = self.make_optimizer(epochs, learning_rate, steps_per_epoch, constant_lr)
+            optimizer = self.make_optimizer(epochs, learning_rate, steps_per_epoch, constant_lr, optimizer_overrides)
         return Trainer(self.strategy, net, optimizer, global_batch_size=self.cfg.batch_size,
                        accum=self.cfg.accum, loss_fn=loss_fn, grad_transform=grad_transform, xla=self.xla)
 
@@ -134,15 +139,20 @@ class RunContext:
 
     def train(self, net, epochs: int, stage: str, loss_fn=softmax_cross_entropy, grad_transform=None,
               train_data_fn=None, on_epoch_end=None, learning_rate: float | None = None,
-              steps_per_epoch: int | None = None, constant_lr: bool = False) -> dict:
-        """Train `net` for `epochs` epochs; checkpoints and logs go to `<train_path>/<stage>`."""
+              steps_per_epoch: int | None = None, constant_lr: bool = False, optimizer_overrides=None,
+              on_step_end=None) -> dict:
+        """Train `net` for `epochs` epochs; checkpoints and logs go to `<train_path>/<stage>`.
+
+        `optimizer_overrides` and `on_step_end` are passed to the optimizer and to `loop.fit`.
+        """
         steps_per_epoch = steps_per_epoch or self.steps_per_epoch()
-        trainer = self.trainer(net, epochs, loss_fn, grad_transform, learning_rate, steps_per_epoch, constant_lr)
+        trainer = self.trainer(net, epochs, loss_fn, grad_transform, learning_rate, steps_per_epoch, constant_lr,
+                               optimizer_overrides)
         return loop.fit(trainer, train_data_fn or self.train_data_fn(), epochs=epochs,
                         steps_per_epoch=steps_per_epoch, train_path=self.path(stage),
                         eval_data=self.data.test(self.cfg.val_batch_size), resume=self.cfg.resume,
                         ckpt_every_steps=self.cfg.ckpt_every_steps, on_epoch_end=on_epoch_end,
-                        log_every_steps=self.cfg.do_log)
+                        log_every_steps=self.cfg.do_log, on_step_end=on_step_end)
 
     def evaluate(self, net) -> dict:
         """Top-1, top-5 and loss on the test set with moving statistics."""

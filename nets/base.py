@@ -6,7 +6,8 @@ and writes its forward pass in `forward`. The base gives it, for free:
 * params as `{"scope/var:0": ndarray}` dicts in the EKG pickle naming (`get_params`/`set_params`);
 * a width spec (`widths()`: active channels per prunable group) that, with `arch` and `config`,
   fully describes a slimmed architecture (`spec()`);
-* complexity in both conventions without running the model (`cost()`).
+* complexity in both conventions without running the model (`cost()`);
+* ResRep compactors on request (`add_compactors()`, see `nets/compactor.py`).
 
 Every net is constructed as `Cls(arch=..., widths=None, masked=True, **config)`: `widths`
 shrinks groups (a slimmed net), `masked=False` builds an ordinary net without mask variables.
@@ -21,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from nets import complexity
+from nets.compactor import Compactor
 from nets.groups import ChannelGroup, MaskOptions
 from nets.layers import FC, BatchNorm, Conv2d, DepthwiseConv2d, Layer
 from utils.errors import ConfigError
@@ -146,8 +148,9 @@ class Net(tf.Module):
         return complexity.net_cost(self.layers.values(), complexity.width_fn_from(widths))
 
     def spec(self) -> dict:
-        """Everything needed to rebuild this architecture: arch, config and widths."""
-        return {"arch": self.arch, "config": dict(self.config), "widths": self.widths()}
+        """Everything needed to rebuild this architecture: arch, config, widths (and compactors)."""
+        spec = {"arch": self.arch, "config": dict(self.config), "widths": self.widths()}
+        return {**spec, "compactors": list(self.compactors)} if self.compactors else spec
 
     def widths_from_shapes(self, shapes: Mapping[str, tuple]) -> dict:
         """Infer the width spec implied by stored parameter shapes (EKG pickles carry no spec)."""
@@ -160,3 +163,63 @@ class Net(tf.Module):
                 if self.groups[key].prunable:
                     widths.setdefault(key, int(width))
         return widths
+
+    # === ResRep compactors ===
+    @property
+    def compactors(self) -> dict:
+        """`{group key: Compactor}`; empty unless `add_compactors()` was called."""
+        return {layer.group.key: layer for layer in self.layers.values() if isinstance(layer, Compactor)}
+
+    def compacted_pairs(self) -> list:
+        """`(conv, bn)` of every BN that applies a compactor, with the conv it normalises."""
+        layers = list(self.layers.values())
+        return [(conv, bn) for conv, bn in zip(layers, layers[1:])
+                if isinstance(bn, BatchNorm) and bn.compactor is not None]
+
+    def add_compactors(self, keys=None) -> dict:
+        """ResRep's re-parameterisation: a compactor (identity 1x1 conv) per eligible group.
+
+        A prunable group is eligible when every layer writing into it is a `Conv2d` declared
+        right before a BatchNorm of the group (conv, BN, then compactor: foldable into the conv)
+        and no depthwise conv filters it (a compactor cannot be folded into a depthwise conv,
+        and a channel it closes would leave the depthwise BN's constant output behind). All
+        BNs of an eligible group apply its one compactor, so a residual stream has one.
+        Groups without BatchNorm (dense layers, LeNet-5) get none and keep their width.
+
+        Call it once, on an unmasked net (ResRep's forward pass is unmasked), in the strategy
+        scope the net will train in and before the net is first called.
+
+        Args:
+            keys: consider only these groups (default: all).
+
+        Returns:
+            `{group key: Compactor}` of the new compactors.
+        """
+        if self.masked:
+            raise ValueError(f"{self.arch}: compactors need a net built with masked=False")
+        if self.compactors:
+            raise ValueError(f"{self.arch}: the net already has compactors")
+        layers = list(self.layers.values())
+        before = dict(zip(map(id, layers[1:]), layers))  # each layer -> the one declared before it
+        after = dict(zip(map(id, layers), layers[1:]))
+        eligible = dict.fromkeys(self.prunable_groups(), True)
+
+        def conv_then_bn(conv, bn):
+            return isinstance(conv, Conv2d) and isinstance(bn, BatchNorm) and conv.out_group is bn.group \
+                and len(bn.axes) == 3
+
+        for layer in layers:
+            if isinstance(layer, DepthwiseConv2d):
+                eligible[layer.group.key] = False
+            elif isinstance(layer, (Conv2d, FC)) and layer.out_group.key in eligible:
+                eligible[layer.out_group.key] &= conv_then_bn(layer, after.get(id(layer)))
+            elif isinstance(layer, BatchNorm) and layer.group.key in eligible:
+                eligible[layer.group.key] &= conv_then_bn(before.get(id(layer)), layer)
+        wanted = set(eligible if keys is None else keys)
+        added = {}
+        for bn in layers:
+            if isinstance(bn, BatchNorm) and eligible.get(bn.group.key) and bn.group.key in wanted:
+                if bn.group.key not in added:
+                    added[bn.group.key] = self._add(Compactor(bn.group))
+                bn.compactor = added[bn.group.key]  # the slot BatchNorm declares for this
+        return added

@@ -89,6 +89,10 @@ class ChannelGroup(tf.Module):
         order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
         self.keep(order[:count])
 
+    def kept_index(self) -> tf.Tensor:
+        """In-graph sorted indices of the kept channels (int64, dynamic length); masked groups only."""
+        return tf.reshape(tf.where(self.mask > 0.5), [-1])
+
     def reset(self) -> None:
         """Keep every channel."""
         if self.mask is not None:
@@ -106,15 +110,25 @@ class MaskOptions(tf.Module):
             (the EKG convention: W' = (W*M) * |W| / |W*M|). Slimming bakes the same factor in.
         freeze_bn: when 1, BatchNorm in training mode uses batch statistics but does not update
             its moving statistics (EKG's search-time behaviour).
+        compact: a trace-time switch (a Python bool, not a variable). When True, masked layers
+            compute on the kept channels only: they gather their parameters by the groups'
+            in-graph kept indices, so activations carry only kept channels and a call costs what
+            the slimmed net costs, while changing masks still never retraces (channel dimensions
+            are dynamic). The outputs equal the masked forward's. Functions must be traced
+            after setting it; a search that evaluates many masks on its own copy of a net sets it
+            once, before tracing anything.
     """
 
     def __init__(self):
         super().__init__(name="mask_options")
         self.renorm = tf.Variable(0.0, trainable=False, name="renorm")
         self.freeze_bn = tf.Variable(0.0, trainable=False, name="freeze_bn")
+        self.compact = False
 
-    def set(self, renorm: bool | None = None, freeze_bn: bool | None = None) -> None:
+    def set(self, renorm: bool | None = None, freeze_bn: bool | None = None, compact: bool | None = None) -> None:
         if renorm is not None:
             self.renorm.assign(float(bool(renorm)))
         if freeze_bn is not None:
             self.freeze_bn.assign(float(bool(freeze_bn)))
+        if compact is not None:
+            self.compact = bool(compact)

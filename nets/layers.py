@@ -78,6 +78,13 @@ class Layer(tf.Module):
             return 1.0
         return float(np.linalg.norm(full) / max(np.linalg.norm(kept), _EPS))
 
+    def _compact(self, group: ChannelGroup) -> bool:
+        return self.options is not None and self.options.compact and group.masked
+
+    def _gather(self, tensor, group: ChannelGroup, axis: int):
+        """`tensor` restricted to the kept channels of `group` along `axis` in compact mode."""
+        return tf.gather(tensor, group.kept_index(), axis=axis) if self._compact(group) else tensor
+
     def _masked_kernel(self, kernel, mask):
         """kernel * mask, rescaled to the full kernel's norm when `options.renorm` is on."""
         masked = kernel * mask
@@ -127,6 +134,8 @@ class Conv2d(Layer):
                 mask = mask * out_mask
                 biases = None if biases is None else biases * out_mask
             kernel = self._masked_kernel(kernel, mask)
+            kernel = self._gather(self._gather(kernel, self.in_group, 2), self.out_group, 3)
+            biases = None if biases is None else self._gather(biases, self.out_group, 3)
         y = tf.nn.conv2d(x, kernel, self.strides, self.padding)
         return y if biases is None else y + biases
 
@@ -170,8 +179,8 @@ class DepthwiseConv2d(Layer):
         kernel, biases = self.kernel, self.biases
         if self.group.masked:
             mask = tf.reshape(self.group.mask, [1, 1, -1, 1])
-            kernel = self._masked_kernel(kernel, mask)
-            biases = None if biases is None else biases * tf.reshape(mask, [1, 1, 1, -1])
+            kernel = self._gather(self._masked_kernel(kernel, mask), self.group, 2)
+            biases = None if biases is None else self._gather(biases * tf.reshape(mask, [1, 1, 1, -1]), self.group, 3)
         y = tf.nn.depthwise_conv2d(x, kernel, [1, self.strides, self.strides, 1], self.padding)
         return y if biases is None else y + biases
 
@@ -226,6 +235,12 @@ class FC(Layer):
                 mask = mask * out_mask
                 biases = None if biases is None else biases * out_mask
             kernel = self._masked_kernel(kernel, mask)
+            if self._compact(self.in_group):
+                kept, c = self.in_group.kept_index(), self.in_group.size
+                rows = tf.range(self.spatial, dtype=kept.dtype)[:, None] * c + kept[None, :]
+                kernel = tf.gather(kernel, tf.reshape(rows, [-1]), axis=0)
+            kernel = self._gather(kernel, self.out_group, 1)
+            biases = None if biases is None else self._gather(biases, self.out_group, 1)
         y = tf.matmul(x, kernel)
         return y if biases is None else y + biases
 
@@ -249,6 +264,9 @@ class BatchNorm(Layer):
 
     `training=True` normalises with batch statistics and updates the moving statistics
     (unless `options.freeze_bn` is on); `training=False` uses the moving statistics.
+
+    `compactor` is None, or the ResRep compactor of the group (`nets/compactor.py`) applied to
+    the normalised output; only `Net.add_compactors` sets it, before the net is first called.
     """
 
     def __init__(self, key, group: ChannelGroup, hw=(1, 1), rank=4, momentum=0.9, epsilon=1e-5,
@@ -263,6 +281,7 @@ class BatchNorm(Layer):
         self.moving_variance = self._var("moving_variance", tf.ones(shape), trainable=False, on_read=True)
         if not group.masked:
             self.options = None
+        self.compactor = None
 
     def groups(self):
         return (self.group,)
@@ -272,8 +291,13 @@ class BatchNorm(Layer):
         if self.group.masked:
             mask = tf.reshape(self.group.mask, gamma.shape)
             gamma, beta = gamma * mask, beta * mask
+        gamma, beta = self._gather(gamma, self.group, -1), self._gather(beta, self.group, -1)
         if training:
             y, mean, var = self._normalize(x, gamma, beta)
+            if self._compact(self.group):  # back to full size; the mask keeps the others unchanged
+                index = self.group.kept_index()[:, None]
+                mean, var = (tf.reshape(tf.scatter_nd(index, tf.reshape(t, [-1]), [self.group.size]),
+                                        self.gamma.shape) for t in (mean, var))
             rate = 1.0 - self.momentum
             if self.options is not None:
                 # Masked channels keep their statistics, so restoring a channel restores them too.
@@ -281,8 +305,9 @@ class BatchNorm(Layer):
             self.moving_mean.assign_sub((self.moving_mean - mean) * rate)
             self.moving_variance.assign_sub((self.moving_variance - var) * rate)
         else:
-            y = tf.nn.batch_normalization(x, self.moving_mean, self.moving_variance, beta, gamma, self.epsilon)
-        return y
+            mean, var = (self._gather(t, self.group, -1) for t in (self.moving_mean, self.moving_variance))
+            y = tf.nn.batch_normalization(x, mean, var, beta, gamma, self.epsilon)
+        return y if self.compactor is None else self.compactor(y)
 
     def _normalize(self, x, gamma, beta):
         """Batch-statistics normalisation: `(y, batch mean, biased batch variance)`, stats shaped like gamma.
@@ -300,7 +325,7 @@ class BatchNorm(Layer):
             variance=tf.zeros([0]), epsilon=self.epsilon, is_training=True)
         n = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
         var = var * tf.maximum(n - 1.0, 0.0) / n
-        return y, tf.reshape(mean, gamma.shape), tf.reshape(var, gamma.shape)
+        return y, tf.reshape(mean, tf.shape(gamma)), tf.reshape(var, tf.shape(gamma))
 
 
     def cost(self, width):

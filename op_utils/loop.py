@@ -24,7 +24,7 @@ uninterrupted one does (provided ``train_data_fn`` is deterministic given the ep
 """
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import tensorflow as tf
@@ -38,6 +38,7 @@ log = get_logger(__name__)
 
 TrainDataFn = Callable[[int, tf.distribute.InputContext], tf.data.Dataset]
 EpochEndFn = Callable[[int, dict[str, float]], None]
+StepEndFn = Callable[[int], Mapping[str, float] | None]
 
 
 def _positive(name: str, value, allow_none: bool = False) -> int | None:
@@ -100,6 +101,7 @@ def fit(
     on_epoch_end: EpochEndFn | None = None,
     log_every_steps: int = 100,
     max_to_keep: int = 2,
+    on_step_end: StepEndFn | None = None,
 ) -> dict[str, float]:
     """Trains for ``epochs`` epochs of ``steps_per_epoch`` steps, evaluating every epoch.
 
@@ -134,6 +136,10 @@ def fit(
             evaluation and before the epoch's checkpoint, so state it changes is saved.
         log_every_steps: Interval of the step-level TensorBoard scalars.
         max_to_keep: Number of checkpoints kept.
+        on_step_end: Called as ``on_step_end(global_step)`` after every step, before any
+            checkpoint of that step, so variables it assigns on the host (e.g. masks) are
+            used by the next step and saved with the step. It may return scalars, written
+            to TensorBoard as ``train/<name>`` with the step scalars.
 
     Returns:
         The last epoch's logs: ``epoch`` (epochs completed), ``step``, ``loss``, ``top1``,
@@ -150,7 +156,8 @@ def fit(
     controller = Controller(
         trainer, train_data_fn, epochs=epochs, steps_per_epoch=steps_per_epoch,
         train_path=train_path, eval_data=eval_data, ckpt_every_steps=ckpt_every_steps,
-        on_epoch_end=on_epoch_end, log_every_steps=log_every_steps, max_to_keep=max_to_keep)
+        on_epoch_end=on_epoch_end, log_every_steps=log_every_steps, max_to_keep=max_to_keep,
+        on_step_end=on_step_end)
     controller.restore_or_start(resume)
     return controller.run()
 
@@ -166,7 +173,8 @@ class Controller:
                  steps_per_epoch: int, train_path: str,
                  eval_data: tf.data.Dataset | None = None,
                  ckpt_every_steps: int | None = None, on_epoch_end: EpochEndFn | None = None,
-                 log_every_steps: int = 100, max_to_keep: int = 2) -> None:
+                 log_every_steps: int = 100, max_to_keep: int = 2,
+                 on_step_end: StepEndFn | None = None) -> None:
         self.trainer = trainer
         self.train_data_fn = train_data_fn
         self.epochs = _positive("epochs", epochs)
@@ -177,6 +185,7 @@ class Controller:
         self.train_path = os.fspath(train_path)
         self.eval_data = eval_data
         self.on_epoch_end = on_epoch_end
+        self.on_step_end = on_step_end
         self.chief = is_chief(trainer.strategy)
         self.ckpt = Checkpointer(trainer.checkpoint, os.path.join(self.train_path, "ckpt"),
                                  trainer.strategy, max_to_keep=max_to_keep)
@@ -251,6 +260,7 @@ class Controller:
                 global_step = int(trainer.global_step.numpy())
                 self._check_finite(float(out["loss"]), global_step, epoch)
                 trainer.step_in_epoch.assign(step_in_epoch + 1)
+                hooked = self.on_step_end(global_step) if self.on_step_end is not None else None
                 extras = {key: float(value) for key, value in out.items()
                           if key not in ("loss", "top1")}
                 for key, value in extras.items():
@@ -261,6 +271,7 @@ class Controller:
                     values = {"train/loss": running["loss"], "train/top1": running["top1"],
                               "train/lr": _last_lr(trainer)}
                     values.update({f"train/{key}": value for key, value in extras.items()})
+                    values.update({f"train/{key}": value for key, value in (hooked or {}).items()})
                     scalars.scalars(values, global_step)
                 # The end of an epoch is saved by _end_epoch, after evaluation.
                 if self.ckpt_every_steps and global_step % self.ckpt_every_steps == 0 \

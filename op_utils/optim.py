@@ -17,12 +17,14 @@ How an update is applied:
   optimizer (BN gamma/beta and biases included). It is added here, once, after the
   cross-replica sum, so it does not depend on the number of replicas (EKG divided it by
   the number of GPUs to undo the sum instead).
+* ``overrides`` gives some variables their own hyperparameters (e.g. ResRep's compactors:
+  momentum 0.99, no weight decay): a function of the variable, asked once in ``build``.
 
 Slots are stored in the order of the variables passed to ``build``; a checkpoint restores
 into an optimizer built over the same model.
 """
 import numbers
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import tensorflow as tf
 
@@ -30,6 +32,7 @@ from utils.errors import ConfigError
 
 LearningRate = float | Callable[[tf.Tensor], tf.Tensor]
 GradsAndVars = Iterable[tuple[tf.Tensor, tf.Variable]]
+Overrides = Callable[[tf.Variable], Mapping[str, float] | None]
 
 
 def _check_fraction(name: str, value) -> float:
@@ -38,17 +41,27 @@ def _check_fraction(name: str, value) -> float:
     return float(value)
 
 
+def _check_decay(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
+        raise ConfigError(f"weight_decay must be a number >= 0, got {value!r}")
+    return float(value)
+
+
 class Optimizer(tf.Module):
     """Base class: step counter, slots, learning rate and the distributed apply.
 
-    Subclasses define ``_slot_names`` and ``_update(var, grad, slots, lr, step)``, the
-    rule for one device's copy of one variable.
+    Subclasses define ``_slot_names``, the hyperparameters a variable may override
+    (``_hyper``, checked by ``_check_hyper``) and ``_update(var, grad, slots, lr, step, hyper)``,
+    the rule for one device's copy of one variable.
 
     Args:
         learning_rate: A float, or a schedule called with the number of updates applied
             so far (an int64 tensor) and returning a scalar.
         weight_decay: L2 coefficient added to the gradient of every variable (>= 0).
         name: The module name.
+        overrides: Optional ``overrides(variable) -> {name: value} or None``, asked once per
+            variable in ``build``: that variable's own ``weight_decay`` and, for SGD,
+            ``momentum``. Other names raise ConfigError.
 
     Raises:
         ConfigError: If an argument is out of range.
@@ -57,7 +70,7 @@ class Optimizer(tf.Module):
     _slot_names: tuple[str, ...] = ()
 
     def __init__(self, learning_rate: LearningRate, weight_decay: float = 0.0,
-                 name: str | None = None) -> None:
+                 name: str | None = None, overrides: Overrides | None = None) -> None:
         super().__init__(name=name)
         if not callable(learning_rate):
             if isinstance(learning_rate, bool) or not isinstance(learning_rate, numbers.Real) \
@@ -66,16 +79,28 @@ class Optimizer(tf.Module):
                     f"learning_rate must be a positive number or a schedule, got {learning_rate!r}"
                 )
             learning_rate = float(learning_rate)
-        if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real) \
-                or not weight_decay >= 0:
-            raise ConfigError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
         self.learning_rate = learning_rate
-        self.weight_decay = float(weight_decay)
+        self.weight_decay = _check_decay(weight_decay)
+        self.overrides = overrides
         self.iterations = None
         self.slots: list[list[tf.Variable]] = []
-        # Maps a variable (by reference) to its position in ``slots``. Values are ints, so
-        # checkpoint tracking ignores this dict.
+        # Maps a variable (by reference) to its position in ``slots`` and ``_hypers``.
+        # Values are ints and floats, so checkpoint tracking ignores these.
         self._index = {}
+        self._hypers: list[dict[str, float]] = []
+
+    @property
+    def _hyper(self) -> dict[str, float]:
+        """The hyperparameters a variable may override, with the optimizer's values."""
+        return {"weight_decay": self.weight_decay}
+
+    def _check_hyper(self, hyper: dict[str, float]) -> dict[str, float]:
+        return {**hyper, "weight_decay": _check_decay(hyper["weight_decay"])}
+
+    def _slots_for(self, hyper: dict[str, float]) -> tuple[str, ...]:
+        """The slots a variable with these hyperparameters needs."""
+        del hyper
+        return self._slot_names
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -104,13 +129,24 @@ class Optimizer(tf.Module):
             if var.ref() in self._index:
                 raise ConfigError(f"variable {var.name} is listed twice")
             self._index[var.ref()] = position
+            hyper = self._hyper_of(var)
+            self._hypers.append(hyper)
             base = var.name.split(":")[0]
             with strategy.extended.colocate_vars_with(var):
                 self.slots.append([
                     tf.Variable(tf.zeros(var.shape, var.dtype), trainable=False,
                                 name=f"{base}/{slot}")
-                    for slot in self._slot_names
+                    for slot in self._slots_for(hyper)
                 ])
+
+    def _hyper_of(self, var: tf.Variable) -> dict[str, float]:
+        hyper = self._hyper
+        changed = dict(self.overrides(var) or {}) if self.overrides is not None else {}
+        unknown = sorted(set(changed) - set(hyper))
+        if unknown:
+            raise ConfigError(f"{type(self).__name__} cannot override {unknown[0]!r} of {var.name}; "
+                              f"known: {', '.join(hyper)}")
+        return self._check_hyper({**hyper, **changed})
 
     # -- learning rate ---------------------------------------------------------------------
 
@@ -158,22 +194,22 @@ class Optimizer(tf.Module):
         step = self.iterations.read_value()
         lr = self.learning_rate_at(step)
         for grad, var in pairs:
-            slots = self.slots[self._index[var.ref()]]
+            position = self._index[var.ref()]
             # group=False: the per-device results are not needed; automatic control
             # dependencies in tf.function order these writes before the counter update.
             strategy.extended.update(
-                var, self._update_with_decay, args=(grad, *slots),
-                kwargs={"lr": lr, "step": step}, group=False,
+                var, self._update_with_decay, args=(grad, *self.slots[position]),
+                kwargs={"lr": lr, "step": step, "hyper": self._hypers[position]}, group=False,
             )
         self.iterations.assign_add(1)
 
-    def _update_with_decay(self, var, grad, *slots, lr, step):
+    def _update_with_decay(self, var, grad, *slots, lr, step, hyper):
         grad = tf.convert_to_tensor(grad)
-        if self.weight_decay:
-            grad = grad + self.weight_decay * var.read_value()
-        return self._update(var, grad, slots, lr, step)
+        if hyper["weight_decay"]:
+            grad = grad + hyper["weight_decay"] * var.read_value()
+        return self._update(var, grad, slots, lr, step, hyper)
 
-    def _update(self, var, grad, slots, lr, step):
+    def _update(self, var, grad, slots, lr, step, hyper):
         raise NotImplementedError
 
 
@@ -193,24 +229,36 @@ class SGD(Optimizer):
         nesterov: Use the Nesterov form (requires momentum > 0 to matter).
         weight_decay: L2 coefficient added to every gradient.
         name: The module name.
+        overrides: Per-variable ``momentum`` and ``weight_decay`` (see ``Optimizer``).
     """
 
     def __init__(self, learning_rate: LearningRate, momentum: float = 0.9,
-                 nesterov: bool = True, weight_decay: float = 0.0, name: str = "SGD") -> None:
-        super().__init__(learning_rate, weight_decay, name=name)
+                 nesterov: bool = True, weight_decay: float = 0.0, name: str = "SGD",
+                 overrides: Overrides | None = None) -> None:
+        super().__init__(learning_rate, weight_decay, name=name, overrides=overrides)
         self.momentum = _check_fraction("momentum", momentum)
         self.nesterov = bool(nesterov)
-        self._slot_names = ("momentum",) if self.momentum else ()
 
-    def _update(self, var, grad, slots, lr, step):
+    @property
+    def _hyper(self):
+        return {**super()._hyper, "momentum": self.momentum}
+
+    def _check_hyper(self, hyper):
+        return {**super()._check_hyper(hyper), "momentum": _check_fraction("momentum", hyper["momentum"])}
+
+    def _slots_for(self, hyper):
+        return ("momentum",) if hyper["momentum"] else ()
+
+    def _update(self, var, grad, slots, lr, step, hyper):
         lr = tf.cast(lr, var.dtype)
-        if not self.momentum:
+        momentum = hyper["momentum"]
+        if not momentum:
             return var.assign_sub(lr * grad)
         (velocity,) = slots
-        new_velocity = self.momentum * velocity.read_value() - lr * grad
+        new_velocity = momentum * velocity.read_value() - lr * grad
         velocity.assign(new_velocity)
         if self.nesterov:
-            return var.assign_add(self.momentum * new_velocity - lr * grad)
+            return var.assign_add(momentum * new_velocity - lr * grad)
         return var.assign_add(new_velocity)
 
 
@@ -232,21 +280,22 @@ class Adam(Optimizer):
         epsilon: Added to the denominator (> 0).
         weight_decay: L2 coefficient added to every gradient.
         name: The module name.
+        overrides: Per-variable ``weight_decay`` (see ``Optimizer``).
     """
 
     _slot_names = ("m", "v")
 
     def __init__(self, learning_rate: LearningRate, beta_1: float = 0.9,
                  beta_2: float = 0.999, epsilon: float = 1e-7, weight_decay: float = 0.0,
-                 name: str = "Adam") -> None:
-        super().__init__(learning_rate, weight_decay, name=name)
+                 name: str = "Adam", overrides: Overrides | None = None) -> None:
+        super().__init__(learning_rate, weight_decay, name=name, overrides=overrides)
         self.beta_1 = _check_fraction("beta_1", beta_1)
         self.beta_2 = _check_fraction("beta_2", beta_2)
         if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not epsilon > 0:
             raise ConfigError(f"epsilon must be a positive number, got {epsilon!r}")
         self.epsilon = float(epsilon)
 
-    def _update(self, var, grad, slots, lr, step):
+    def _update(self, var, grad, slots, lr, step, hyper):
         m, v = slots
         dtype = var.dtype
         t = tf.cast(step + 1, dtype)

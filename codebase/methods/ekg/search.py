@@ -109,26 +109,38 @@ class GreedySearch:
         self.num_call = self._count_taps(images[:1])
         self.coarse = {k: max(1.0 / g.size, search_step / self.num_call[k]) for k, g in self.groups.items()}
         self.full_flops = net.cost({k: g.size for k, g in self.groups.items()}).ekg_flops
-        # EKG's search conventions: renormalised masked kernels, batch statistics, no updates.
-        net.options.set(renorm=True, freeze_bn=True)
+        # EKG's search conventions: renormalised masked kernels, batch statistics, no updates. In
+        # compact mode the net computes on kept channels only, so a step costs what the current
+        # sub-network costs (the outputs are the masked net's); set before anything is traced.
+        net.options.set(renorm=True, freeze_bn=True, compact=True)
         self.trace_count = 0
         self._metrics_fn = tf.function(self._metrics)
         # Candidates are evaluated from cached segment inputs: lowering one group's width cannot
         # change what the segments before its first use compute.
         self.segments = net.segments()
-        self._segment_fns = [tf.function(self._segment_runner(seg.fn)) for seg in self.segments]
         self.first_use = {k: min(i for i, seg in enumerate(self.segments) if k in seg.groups) for k in self.keys}
-        self.cached = self._choose_boundaries(images[:1], cache_mb)
+        ranks, self.cached = self._choose_boundaries(images[:1], cache_mb)
+        # Channel counts change with the widths: every dimension is left open so that nothing is
+        # traced again when they do.
+        specs = [tf.TensorSpec([None] * r, tf.float32) for r in ranks]
+        self._segment_fns = [tf.function(self._segment_runner(seg.fn), input_signature=[spec])
+                             for seg, spec in zip(self.segments, specs)]
         # The score pass is checkpointed at the same boundaries: each chunk of segments between two
         # cached inputs is run again, taps on, and back-propagated on its own, so only one chunk's
         # activations are alive at a time instead of the whole net's.
         bounds = self.cached + [len(self.segments)]
-        self._chunk_fns = [tf.function(self._chunk_backward(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        self._chunk_fns = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            upstream = specs[b] if b < len(self.segments) else tf.TensorSpec([None], tf.float32)
+            signature = [specs[a], upstream, tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, None], tf.float32)]
+            self._chunk_fns.append(tf.function(self._chunk_backward(a, b), input_signature=signature))
         self._cache = None
 
     # === Compiled pieces ===
     def _tap(self, group, x):
-        return score_tap(x, self.probes[group.key])
+        probe = self.probes[group.key]
+        # Compact activations carry the kept channels only: score those entries of the probe.
+        return score_tap(x, tf.gather(probe, group.kept_index()) if group.masked else probe)
 
     def _count_taps(self, image) -> dict:
         counts = dict.fromkeys(self.keys, 0)
@@ -170,7 +182,7 @@ class GreedySearch:
                     y = tf.reduce_sum(self._objective(y, labels, knowledge)[1]) / size
             grads = tape.gradient(y, [x] + probes, output_gradients=None if last else upstream,
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            return grads[0], grads[1:]
+            return grads[0], [tf.convert_to_tensor(g) for g in grads[1:]]  # gathered probes: dense
 
         return fn
 
@@ -187,14 +199,17 @@ class GreedySearch:
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
         return tf.reduce_sum(ce), tf.reduce_sum(j), correct
 
-    def _choose_boundaries(self, image, cache_mb) -> list:
-        """Segment indices whose inputs are cached: all of them if they fit in `cache_mb`."""
+    def _choose_boundaries(self, image, cache_mb):
+        """(rank of every segment's input, segment indices whose inputs are cached: all of them if
+        they fit in `cache_mb` at full width)."""
         sizes, x = [], tf.constant(image, tf.float32)
+        ranks = [len(x.shape)]
         for seg in self.segments[:-1]:
             x = seg.fn(x, False)
+            ranks.append(len(x.shape))
             sizes.append(int(np.prod(x.shape)) * 4 * self.count)
         stride = max(1, math.ceil(sum(sizes) / (cache_mb * 2 ** 20)))
-        return [0] + [i + 1 for i in range(len(sizes)) if (i + 1) % stride == 0]
+        return ranks, [0] + [i + 1 for i in range(len(sizes)) if (i + 1) % stride == 0]
 
     def _run_segments(self, start: int, keep_cache: bool):
         """Logits of every validation batch, running segments from `start` on cached inputs."""

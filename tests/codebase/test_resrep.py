@@ -1,0 +1,221 @@
+"""ResRep: the Res update against hand computations, mask updates, resume, and a scripted run."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import nets
+import test as test_script
+import train_cifar
+from codebase.config import parse_config
+from codebase.context import save_net
+from codebase.methods.resrep import GroupFlops, MaskSchedule, compactor_overrides, res_gradients, select_closed
+from nets.base import Net
+from nets.compactor import Compactor
+from nets.groups import ChannelGroup
+from op_utils.loop import fit
+from op_utils.optim import SGD
+from op_utils.strategy import make_strategy
+from op_utils.trainer import Trainer, softmax_cross_entropy
+from tests.dataloader.fakes import write_cifar10
+from tests.nets.helpers import randomise
+from tests.op_utils.models import make_train_data_fn, toy_images
+from utils.errors import ConfigError
+from utils.params_io import load_params
+
+
+def test_res_gradient_matches_hand_computation():
+    rng = np.random.default_rng(0)
+    compactor = Compactor(ChannelGroup("g", 3, masked=False))
+    kernel = rng.normal(size=(3, 3)).astype(np.float32)
+    compactor.kernel.assign(kernel[None, None])
+    compactor.mask.assign([1.0, 0.0, 1.0])
+    x = rng.normal(size=(2, 4, 4, 3)).astype(np.float32)
+    w = rng.normal(size=(2, 4, 4, 3)).astype(np.float32)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(w * compactor(x))
+    grad = compactor.res_gradient(tape.gradient(loss, compactor.kernel), 0.1).numpy()[0, 0]
+    # dL/dK[j, c] = sum over positions of x_j w_c; row c is column c of K.
+    task = np.einsum("nhwj,nhwc->jc", x, w)
+    want = task * np.array([1.0, 0.0, 1.0]) + 0.1 * kernel / np.linalg.norm(kernel, axis=0)
+    np.testing.assert_allclose(grad, want, rtol=1e-5)
+
+
+class TinyNet(Net):
+    """conv - BN - ReLU - mean - dense: one compactor, quick to trace."""
+
+    def __init__(self, arch="Tiny", widths=None, masked=False):
+        super().__init__(arch, {}, widths, masked)
+        image, hidden = self.group("input", 3, prunable=False), self.group("a", 6)
+        self.conv1 = self.conv("conv1", image, hidden, 3, (6, 6))
+        self.bn1 = self.bn("bn1", hidden, self.conv1.out_hw)
+        self.head = self.fc("fc", hidden, self.group("logits", 5, prunable=False))
+        self._check_widths_used()
+
+    def forward(self, x, training, tap=None):
+        return self.head(tf.reduce_mean(tf.nn.relu(self.bn1(self.conv1(x), training)), [1, 2]))
+
+
+def test_trainer_step_applies_res_update_with_compactor_momentum_on_two_replicas():
+    strategy = make_strategy(num_replicas=2)
+    with strategy.scope():
+        net = TinyNet()
+        randomise(net)
+        net.add_compactors()
+    compactor = net.compactors["a"]
+    compactor.kernel.assign(compactor.kernel + 0.1)
+    compactor.mask.assign([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])  # closed rows: no task gradient
+    local = TinyNet()
+    local.add_compactors()
+    local.set_params(net.get_params())
+    x, y = toy_images(8)
+
+    # Each replica normalises its half of the batch; the step uses the sum of their gradients.
+    variables = [local.compactors["a"].kernel, local.head.kernel]
+    task = [np.zeros(v.shape, np.float32) for v in variables]
+    for half in (slice(0, 4), slice(4, 8)):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(softmax_cross_entropy(local, (x[half], y[half]), True)[0]) / 8.0
+        task = [t + g.numpy() for t, g in zip(task, tape.gradient(loss, variables))]
+    before = [v.numpy() for v in variables]
+
+    lr, wd, lam = 0.1, 0.01, 0.05
+    optimizer = SGD(lr, momentum=0.9, weight_decay=wd, overrides=compactor_overrides(net, 0.99))
+    trainer = Trainer(strategy, net, optimizer, global_batch_size=8, grad_transform=res_gradients(net, lam))
+    batch = next(iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors((x, y)))))
+    trainer.train_step(batch)
+
+    # First Nesterov step from zero velocity: w <- w - lr * g * (1 + momentum).
+    k0, mask = before[0], compactor.mask.numpy()
+    res = task[0] * mask + lam * k0 / np.linalg.norm(k0.reshape(-1, 6), axis=0)
+    np.testing.assert_allclose(compactor.kernel.numpy(), k0 - lr * res * 1.99, atol=1e-6)
+    np.testing.assert_allclose(net.head.kernel.numpy(), before[1] - lr * (task[1] + wd * before[1]) * 1.9,
+                               atol=1e-6)
+
+
+class LinearFlops:
+    """FLOPs = sum of cost[k] * width[k]: each channel of group k costs cost[k]."""
+
+    def __init__(self, cost):
+        self.cost = cost
+
+    def total(self, widths):
+        return sum(self.cost[k] * w for k, w in widths.items())
+
+    def saving(self, widths, key):
+        return self.cost[key]
+
+
+def test_select_closed_follows_norm_order_to_the_target():
+    norms = {"a": np.array([0.5, 0.1, 0.9, 0.3]), "b": np.array([0.2, 0.8, 0.05, 0.6])}
+    full = {"a": 4, "b": 4, "fixed": 2}
+    flops = LinearFlops({"a": 1, "b": 2, "fixed": 4})  # total 20
+    # Already at the target (nothing to cap): close by ascending norm until FLOPs <= 0.6 * 20.
+    current = {"a": 2, "b": 2, "fixed": 2}  # 14 > 12: still above target, cap = 4 closed + 4
+    closed = select_closed(norms, full, current, flops, target=0.6, granularity=4)
+    # Order: b2 (0.05, -2), a1 (0.1, -1), b0 (0.2, -2), a3 (0.3, -1) -> 20-6 = 14, then a0 -> 13, b3 -> 11.
+    assert closed == {"a": [1, 3, 0], "b": [2, 0, 3]}
+
+
+def test_select_closed_granularity_cap_and_at_least_one_channel():
+    norms = {"a": np.array([0.01, 0.02, 0.03]), "b": np.array([0.5, 0.6])}
+    full = {"a": 3, "b": 2}
+    flops = LinearFlops({"a": 1, "b": 1})
+    # From full widths, far above target: at most 0 + 2 rows are closed.
+    assert select_closed(norms, full, full, flops, target=0.1, granularity=2) == {"a": [0, 1], "b": []}
+    # With a generous cap, "a" keeps one row (its largest norm) and "b" one too.
+    closed = select_closed(norms, full, {"a": 1, "b": 2}, flops, target=0.1, granularity=10)
+    assert closed == {"a": [0, 1], "b": [0]}
+    # At or below target now: no cap, and closing stops as soon as the target is met.
+    assert select_closed(norms, full, {"a": 1, "b": 1}, flops, target=0.8, granularity=1) == {"a": [0], "b": []}
+
+
+def test_group_flops_match_the_net_cost_convention():
+    net = nets.build("ResNet-20", masked=False)
+    flops = GroupFlops(net)
+    widths = {k: g.size - 3 for k, g in net.prunable_groups().items()}
+    assert flops.total(widths) == net.cost(widths).ekg_flops
+    for key in ("stem", "stage1", "BasicBlock2.1/conv1"):
+        fewer = {**widths, key: widths[key] - 1}
+        assert flops.saving(widths, key) == net.cost(widths).ekg_flops - net.cost(fewer).ekg_flops
+
+
+def test_mask_schedule_updates_after_the_lasso_only_steps_every_interval():
+    net = nets.build("ResNet-20", masked=False, input_size=8)
+    net.add_compactors()
+    schedule = MaskSchedule(net, target=0.5, interval=3, before=4, granularity=4)
+    updates = []
+    update = schedule.update
+    schedule.update = lambda step: (updates.append(step), update(step))
+    stats = [schedule(step) for step in range(1, 14)]
+    assert updates == [7, 10, 13]
+    assert stats[-1]["closed_channels"] == 12 and stats[0]["closed_channels"] == 0
+    assert stats[-1]["flops_kept"] < 1.0 and set(stats[-1]) == {
+        "flops_kept", "closed_channels", "compactor_norm_open", "compactor_norm_closed"}
+
+
+def test_config_checks():
+    base = ["--method", "resrep", "--train_path", "/tmp/unused"]
+    cfg = parse_config(base)
+    assert (cfg.train_epoch, cfg.learning_rate, cfg.schedule, cfg.resrep_target) == (0, 0.01, "cosine", 0.471)
+    with pytest.raises(ConfigError, match="--optimizer sgd"):
+        parse_config(base + ["--optimizer", "adam"])
+    with pytest.raises(ConfigError, match="--train_epoch must be positive"):
+        parse_config(["--train_epoch", "0"])
+    with pytest.raises(ConfigError, match="--resrep_target"):
+        parse_config(base + ["--resrep_target", "1.5"])
+
+
+def test_masks_are_checkpointed_and_restored_on_resume(tmp_path):
+    x, y = toy_images(24)
+
+    def run(**kwargs):
+        strategy = make_strategy(num_replicas=2)
+        with strategy.scope():
+            net = TinyNet()
+            net.add_compactors()
+        trainer = Trainer(strategy, net, SGD(0.01, overrides=compactor_overrides(net, 0.99)), global_batch_size=8,
+                          grad_transform=res_gradients(net, 1e-4))
+        # Target 20% of the FLOPs: one of the 6 rows; each update closes at most 2 more than are closed.
+        schedule = MaskSchedule(net, target=0.2, interval=1, before=1, granularity=2)
+        fit(trainer, make_train_data_fn(x, y, 8, fail_at=kwargs.pop("fail_at", None)), epochs=1,
+            steps_per_epoch=3, train_path=str(tmp_path), ckpt_every_steps=2, on_step_end=schedule, **kwargs)
+        return net
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="simulated crash"):
+        run(fail_at=(0, 2))  # step 3 fails; the checkpoint of step 2 holds 2 closed rows
+    net = run(resume=True)
+    assert net.compactors["a"].mask.numpy().sum() == 6 - 4  # step 3 closed 2 more than the restored 2
+
+
+def test_train_cifar_resrep_converts_and_test_py_loads_it(tmp_path, capsys):
+    data = write_cifar10(tmp_path / "data", per_batch=8, num_test=12).path
+    start = tmp_path / "res20.pkl"
+    save_net(nets.build("ResNet-20", masked=False), str(start))
+    run = tmp_path / "run"
+    args = ["--method", "resrep", "--arch", "ResNet-20", "--data_path", str(data), "--train_path", str(run),
+            "--trained_param", str(start), "--resrep_epoch", "1", "--steps_per_epoch", "3", "--batch_size", "8",
+            "--val_batch_size", "12", "--do_log", "1", "--num_replicas", "2", "--accum", "2",
+            "--resrep_interval", "1", "--resrep_before_mask", "0.3", "--resrep_target", "0.9"]
+    results = train_cifar.main(args)
+
+    assert json.loads((run / "stages.json").read_text()) == ["baseline", "resrep", "convert", "finetune", "test"]
+    pruned = json.loads((run / "prune_results.json").read_text())
+    # Masks are updated after steps 2 and 3 (lasso only in step 1), each closing at most 4 rows more.
+    assert pruned["closed_channels"] == 8 and pruned["flops_rate"] < 1.0
+    assert results["before_finetune_top1"] == pruned["before_finetune_top1"]
+    trained = load_params(run / "resrep_params.pkl")
+    widths = json.loads((run / "trained_params.arch.json").read_text())["widths"]
+    assert widths["stem"] == int(trained["stem/compactor/mask:0"].sum())
+    # The masks are variables of the net: the stage's last checkpoint holds them.
+    reader = tf.train.load_checkpoint(str(run / "resrep" / "ckpt"))
+    [key] = [k for k in reader.get_variable_to_shape_map() if k.startswith("model/layers/stem.Scompactor/mask")]
+    np.testing.assert_array_equal(reader.get_tensor(key), trained["stem/compactor/mask:0"])
+
+    capsys.readouterr()
+    test_script.main(["--arch", "ResNet-20", "--data_path", str(data), "--trained_param",
+                      str(run / "trained_params.pkl"), "--json", "--latency_runs", "1"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["top1"] == pytest.approx(results["top1"]) and printed["widths"] == widths

@@ -1,0 +1,95 @@
+"""ResRep compactors on every registered net: identity start, names, and exact folding."""
+
+import numpy as np
+import pytest
+
+import nets
+from nets.compactor import fold
+from tests.nets.helpers import input_for, randomise, small_net
+
+ARCHS = nets.list_archs()
+# Groups that get a compactor: every prunable group written by conv + BN and not filtered by a
+# depthwise conv (MobileNetV2's expanded groups and its stem are); none without BatchNorm.
+EXPECTED = {"ResNet-20": 12, "ResNet-56": 30, "ResNet-50": 37, "MobileNetV2": 8, "VGG-16": 13, "LeNet-5": 0,
+            "MLP": 0}
+
+
+def compactor_net(arch, seed=0):
+    net = small_net(arch, masked=False)
+    randomise(net, seed=seed)
+    net.add_compactors()
+    return net
+
+
+def assert_close(actual, expected, what):
+    # Relative to the output scale, as in test_nets: random nets can have large logits.
+    scale = max(1.0, float(np.max(np.abs(expected))))
+    np.testing.assert_allclose(actual, expected, atol=1e-4 * scale, err_msg=what)
+
+
+def random_compactors(net, seed=0):
+    rng = np.random.default_rng(seed)
+    for c in net.compactors.values():
+        n = c.group.size
+        c.kernel.assign((np.eye(n) + rng.normal(0, 0.3 / np.sqrt(n), (n, n)))[None, None].astype(np.float32))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compactors_start_as_identity_and_fold_exactly(arch):
+    net = small_net(arch, masked=False)
+    randomise(net)
+    x = input_for(net)
+    names = list(net.param_vars())
+    before = net(x).numpy()
+    added = net.add_compactors()
+    assert len(added) == EXPECTED.get(arch, len(added)) and list(net.compactors) == list(added)
+    np.testing.assert_allclose(net(x), before, atol=1e-5, err_msg=arch)
+    # Old parameter names are untouched; each compactor adds a kernel and a mask under its group.
+    new = [k for k in net.param_vars() if k not in names]
+    assert sorted(new) == sorted(f"{k}/compactor/{v}:0" for k in added for v in ("kernel", "mask"))
+    assert all(c.kernel.trainable and not c.mask.trainable for c in added.values())
+
+    # Mixing compactors; half of them close half of their rows. The slimmed net equals the
+    # trained net with the closed rows zeroed (the other compactors fold with every row open).
+    random_compactors(net)
+    rng = np.random.default_rng(2)
+    for c in list(net.compactors.values())[::2]:
+        mask = np.ones(c.group.size, np.float32)
+        mask[rng.choice(c.group.size, c.group.size // 2, replace=False)] = 0.0
+        c.mask.assign(mask)
+    small = nets.slim(fold(net))
+    assert not small.masked and not small.compactors
+    assert small.widths() == {k: (int(net.compactors[k].mask.numpy().sum()) if k in net.compactors else w)
+                              for k, w in net.widths().items()}
+    for c in net.compactors.values():
+        c.kernel.assign(c.kernel.numpy() * c.mask.numpy())
+    assert_close(small(x).numpy(), net(x).numpy(), arch)
+
+
+def test_fold_without_closed_rows_is_the_trained_net_in_both_modes():
+    net = compactor_net("ResNet-20", seed=3)
+    x = input_for(net, batch=4)
+    folded = fold(net)  # identity compactors: the folded BN statistics are exact
+    assert folded.cost() == net.cost()  # compactors are folded away: no FLOPs of their own
+    assert_close(folded(x).numpy(), net(x).numpy(), "identity compactors")
+    np.testing.assert_allclose(folded(x, training=True), net(x, training=True), atol=1e-3, rtol=1e-3)
+    # Mixing compactors: the inference function stays exact (the training-mode statistics of the
+    # folded BNs are then approximate: see nets/compactor.fold).
+    random_compactors(net)
+    assert_close(fold(net)(x).numpy(), net(x).numpy(), "mixing compactors")
+
+
+def test_one_compactor_serves_a_residual_stream():
+    net = compactor_net("ResNet-20")
+    stream = net.compactors["stage1"]
+    users = [bn.key for conv, bn in net.compacted_pairs() if bn.compactor is stream]
+    assert users == ["BasicBlock1.0/bn3", "BasicBlock1.0/bn2", "BasicBlock1.1/bn2", "BasicBlock1.2/bn2"]
+    assert net.spec()["compactors"] == list(net.compactors) and "compactors" not in small_net("ResNet-20").spec()
+
+
+def test_compactors_need_an_unmasked_net_and_are_added_once():
+    with pytest.raises(ValueError, match="masked=False"):
+        small_net("ResNet-20").add_compactors()
+    net = compactor_net("ResNet-20")
+    with pytest.raises(ValueError, match="already"):
+        net.add_compactors()
