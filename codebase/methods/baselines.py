@@ -23,7 +23,13 @@ def filter_l1(net) -> dict:
 
 
 def widths_at_rate(net, fractions: dict, target_rate: float) -> dict:
-    """Scale per-group keep fractions by one factor so FLOPs land at or just under the target."""
+    """Scale per-group keep fractions by one factor so FLOPs land at or just under the target.
+
+    Rounding every group down leaves the FLOPs a few percent under the target (0.426 instead
+    of 0.45 for a uniform ResNet-56), so channels are then added back one at a time, each to the
+    group furthest below its share, while the FLOPs stay at or under the target: baselines get
+    the same budget as the searched net.
+    """
     full = {k: g.size for k, g in net.prunable_groups().items()}
     base = net.cost(full).ekg_flops
 
@@ -37,7 +43,16 @@ def widths_at_rate(net, fractions: dict, target_rate: float) -> dict:
             lo = mid
         else:
             hi = mid
-    return widths(lo)
+    chosen = widths(lo)
+    while True:
+        open_ = sorted((k for k in full if chosen[k] < full[k]), key=lambda k: chosen[k] / (fractions[k] * full[k]))
+        for k in open_:
+            trial = {**chosen, k: chosen[k] + 1}
+            if net.cost(trial).ekg_flops / base <= target_rate:
+                chosen = trial
+                break
+        else:
+            return chosen
 
 
 class _Prune(PruningMethod):
