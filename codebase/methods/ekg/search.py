@@ -332,9 +332,9 @@ class GreedySearch:
             scores = self.score(state.knowledge)  # also caches the accepted net's segment inputs
             state.orders = {k: self.rank(scores[k], self.groups[k].mask_numpy()) for k in self.keys}
             best = None
+            # Re-ranking keeps the live channels live (they rank first), so the masks and the
+            # cache built by score() stay valid; each candidate sets its own masks below.
             candidates = self.candidates(scores, state.rates)
-            # Re-ranking keeps the live channels live (they rank first), so the cache stays valid.
-            self.apply(state.rates, state.orders)
             for key in candidates:
                 rates = dict(state.rates)
                 rates[key] = self.next_rate(state.rates, key)
