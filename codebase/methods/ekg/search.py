@@ -114,16 +114,19 @@ class GreedySearch:
         # sub-network costs (the outputs are the masked net's); set before anything is traced.
         net.options.set(renorm=True, freeze_bn=True, compact=True)
         self.trace_count = 0
-        self._metrics_fn = tf.function(self._metrics)
+        matrix, vector = tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None], tf.int32)
+        self._metrics_fn = tf.function(self._metrics).get_concrete_function(matrix, vector, matrix)
         # Candidates are evaluated from cached segment inputs: lowering one group's width cannot
         # change what the segments before its first use compute.
         self.segments = net.segments()
         self.first_use = {k: min(i for i, seg in enumerate(self.segments) if k in seg.groups) for k in self.keys}
         ranks, self.cached = self._choose_boundaries(images[:1], cache_mb)
         # Channel counts change with the widths: every dimension is left open so that nothing is
-        # traced again when they do.
+        # traced again when they do. Every function is traced here, once (concrete functions: calling
+        # them never traces, and tf.function's retracing warning does not mistake the 29 distinct
+        # segment functions for one function retraced).
         specs = [tf.TensorSpec([None] * r, tf.float32) for r in ranks]
-        self._segment_fns = [tf.function(self._segment_runner(seg.fn), input_signature=[spec])
+        self._segment_fns = [tf.function(self._segment_runner(seg.fn)).get_concrete_function(spec)
                              for seg, spec in zip(self.segments, specs)]
         # The score pass is checkpointed at the same boundaries: each chunk of segments between two
         # cached inputs is run again, taps on, and back-propagated on its own, so only one chunk's
@@ -132,8 +135,8 @@ class GreedySearch:
         self._chunk_fns = []
         for a, b in zip(bounds[:-1], bounds[1:]):
             upstream = specs[b] if b < len(self.segments) else tf.TensorSpec([None], tf.float32)
-            signature = [specs[a], upstream, tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, None], tf.float32)]
-            self._chunk_fns.append(tf.function(self._chunk_backward(a, b), input_signature=signature))
+            self._chunk_fns.append(tf.function(self._chunk_backward(a, b)).get_concrete_function(
+                specs[a], upstream, vector, matrix))
         self._cache = None
 
     # === Compiled pieces ===
