@@ -10,6 +10,9 @@ For every seed, each method is a run of the toolkit's own scripts, in its own pr
   fine-tuned with plain cross-entropy by ``--method none`` and the same flags and budget.
 * ``l1`` / ``random``: ``--method l1`` / ``--method random`` to the same FLOPs target, fine-tuned
   with plain cross-entropy and the same budget.
+* ``resrep``: ``--method resrep`` to the same target: ``--resrep_epochs`` epochs of training with
+  compactors and the Res update (schedule compressed, see ``RESREP``), conversion, then the same
+  fine-tuning budget as the others.
 
 All fine-tunings use EKG's preset (lr 0.01, x0.2 at 30/60/80% of training, weight decay 5e-4,
 batch 128) over ``--finetune_epochs`` epochs. Test accuracy is on the test images of
@@ -42,7 +45,12 @@ import time
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINETUNE = ["--learning_rate", "0.01", "--weight_decay", "5e-4", "--decay_points", "0.3", "0.6", "0.8",
             "--decay_rate", "0.2", "--batch_size", "128", "--val_batch_size", "256"]
-METHODS = ("ekg", "ekg_ce", "l1", "random")
+# ResRep's schedule compressed from 480 epochs into `--resrep_epochs` (issue: ResRep proof): the
+# paper's internal layers only, masks from half an epoch on, every 2 steps up to 16 rows more, and
+# a lasso strong enough (`--resrep_lambda`) for masked rows to decay within the short run.
+RESREP = ["--no-resrep_streams", "--resrep_before_mask", "0.5", "--resrep_interval", "2",
+          "--resrep_granularity", "16"]
+METHODS = ("ekg", "ekg_ce", "l1", "random", "resrep")
 
 
 def run_child(argv: list, log_path: str) -> dict:
@@ -121,7 +129,12 @@ def one_run(method: str, seed: int, args, out: str) -> dict:
                      widths=pruned["widths"], flops_rate=pruned["flops_rate"])
         stage = "train"
     else:
-        proc = run_child(["train_cifar.py", "--method", method, "--trained_param", args.trained_param, *common], log)
+        extra = []
+        if method == "resrep":
+            extra = [*RESREP, "--resrep_target", str(args.target), "--resrep_epoch", str(args.resrep_epochs),
+                     "--resrep_lambda", str(args.resrep_lambda)]
+        proc = run_child(["train_cifar.py", "--method", method, "--trained_param", args.trained_param, *common,
+                          *extra], log)
         entry.update(process=proc, wall=proc["wall"])
         stage = "finetune"
     results, pruned = read(run, "results.json"), read(run, "prune_results.json")
@@ -185,6 +198,8 @@ def main(argv=None):
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--finetune_epochs", type=int, default=2)
     parser.add_argument("--target", type=float, default=0.45)
+    parser.add_argument("--resrep_epochs", type=int, default=4, help="ResRep: epochs with compactors")
+    parser.add_argument("--resrep_lambda", type=float, default=3e-3, help="ResRep: lasso strength")
     parser.add_argument("--latency_runs", type=int, default=20)
     parser.add_argument("--out", default="runs/ekg_bench")
     args = parser.parse_args(argv)

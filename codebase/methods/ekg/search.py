@@ -53,6 +53,20 @@ def keep_count(rate: float, size: int) -> int:
     return int(math.ceil(max(rate * size, 1.0) - 1e-9))
 
 
+class _TracedOnce:
+    """A function traced on its first call for one (open-shape) signature, then called as that
+    concrete function: it never traces again, and tf.function's retracing warning does not take
+    the search's many distinct segment functions for one function traced many times."""
+
+    def __init__(self, fn, *signature):
+        self._fn, self._signature, self._concrete = tf.function(fn), signature, None
+
+    def __call__(self, *args):
+        if self._concrete is None:
+            self._concrete = self._fn.get_concrete_function(*self._signature)
+        return self._concrete(*args)
+
+
 @dataclasses.dataclass
 class SearchState:
     """Everything a search needs to continue: saved after every accepted step."""
@@ -115,19 +129,16 @@ class GreedySearch:
         net.options.set(renorm=True, freeze_bn=True, compact=True)
         self.trace_count = 0
         matrix, vector = tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None], tf.int32)
-        self._metrics_fn = tf.function(self._metrics).get_concrete_function(matrix, vector, matrix)
+        self._metrics_fn = _TracedOnce(self._metrics, matrix, vector, matrix)
         # Candidates are evaluated from cached segment inputs: lowering one group's width cannot
         # change what the segments before its first use compute.
         self.segments = net.segments()
         self.first_use = {k: min(i for i, seg in enumerate(self.segments) if k in seg.groups) for k in self.keys}
         ranks, self.cached = self._choose_boundaries(images[:1], cache_mb)
         # Channel counts change with the widths: every dimension is left open so that nothing is
-        # traced again when they do. Every function is traced here, once (concrete functions: calling
-        # them never traces, and tf.function's retracing warning does not mistake the 29 distinct
-        # segment functions for one function retraced).
+        # traced again when they do.
         specs = [tf.TensorSpec([None] * r, tf.float32) for r in ranks]
-        self._segment_fns = [tf.function(self._segment_runner(seg.fn)).get_concrete_function(spec)
-                             for seg, spec in zip(self.segments, specs)]
+        self._segment_fns = [_TracedOnce(self._segment_runner(seg.fn), spec) for seg, spec in zip(self.segments, specs)]
         # The score pass is checkpointed at the same boundaries: each chunk of segments between two
         # cached inputs is run again, taps on, and back-propagated on its own, so only one chunk's
         # activations are alive at a time instead of the whole net's.
@@ -135,8 +146,7 @@ class GreedySearch:
         self._chunk_fns = []
         for a, b in zip(bounds[:-1], bounds[1:]):
             upstream = specs[b] if b < len(self.segments) else tf.TensorSpec([None], tf.float32)
-            self._chunk_fns.append(tf.function(self._chunk_backward(a, b)).get_concrete_function(
-                specs[a], upstream, vector, matrix))
+            self._chunk_fns.append(_TracedOnce(self._chunk_backward(a, b), specs[a], upstream, vector, matrix))
         self._cache = None
 
     # === Compiled pieces ===
