@@ -206,6 +206,10 @@ def test_train_cifar_resrep_converts_and_test_py_loads_it(tmp_path, capsys):
     # Masks are updated after steps 2 and 3 (lasso only in step 1), each closing at most 4 rows more.
     assert pruned["closed_channels"] == 8 and pruned["flops_rate"] < 1.0
     assert results["before_finetune_top1"] == pruned["before_finetune_top1"]
+    # One step cannot decay the closed rows (norms near 1): the conversion is lossy, so the BN
+    # statistics after them are re-estimated on training images; the folded accuracy is kept too.
+    assert pruned["closed_norm_max"] > 0.5 and pruned["bn_reestimated"] is True
+    assert 0.0 <= pruned["folded_top1"] <= 1.0
     trained = load_params(run / "resrep_params.pkl")
     widths = json.loads((run / "trained_params.arch.json").read_text())["widths"]
     assert widths["stem"] == int(trained["stem/compactor/mask:0"].sum())
