@@ -143,13 +143,14 @@ def one_run(method: str, seed: int, args, out: str) -> dict:
     return entry
 
 
-def latency(args, out: str, params: str, batch: int) -> dict:
+def latency(args, out: str, params: str, batch: int, pad_to: int = 1) -> dict:
     """test.py --json on one params pickle at one batch size (CPU latency, one replica)."""
     log = os.path.join(out, "latency.stdout")
     env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
     done = subprocess.run([sys.executable, "test.py", "--arch", "ResNet-56", "--data_path", args.data_path,
                            "--trained_param", params, "--json", "--batch_size", str(batch), "--latency_runs",
-                           str(args.latency_runs)], cwd=_ROOT, env=env, capture_output=True, text=True, check=True)
+                           str(args.latency_runs), "--pad_to", str(pad_to)], cwd=_ROOT, env=env,
+                          capture_output=True, text=True, check=True)
     with open(log, "a") as f:
         f.write(done.stderr)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -223,8 +224,10 @@ def main(argv=None):
     ekg = [e for e in saved["runs"] if e["method"] == "ekg"]
     if ekg and "latency" not in saved:
         final = os.path.join(ekg[0]["run"], "trained_params.pkl")
-        saved["latency"] = {f"{name} batch {b}": latency(args, args.out, p, b)["latency_ms"]
-                            for b in (1, 128) for name, p in (("unpruned", args.trained_param), ("ekg", final))}
+        # The slimmed net also with its widths padded to multiples of 8 (same outputs, see nets.pad_channels).
+        variants = (("unpruned", args.trained_param, 1), ("ekg", final, 1), ("ekg pad8", final, 8))
+        saved["latency"] = {f"{name} batch {b}": latency(args, args.out, p, b, pad)["latency_ms"]
+                            for b in (1, 128) for name, p, pad in variants}
         with open(path + ".tmp", "w") as f:
             json.dump(saved, f, indent=1)
         os.replace(path + ".tmp", path)

@@ -6,6 +6,6 @@ from nets import vgg  # noqa: F401  (registers VGG-16)
 from nets import lenet  # noqa: F401  (registers LeNet-5)
 from nets import mlp  # noqa: F401  (registers MLP)
 from nets.registry import build, build_from_params, build_from_spec, list_archs, lookup
-from nets.slim import slim
+from nets.slim import pad_channels, slim
 
-__all__ = ["build", "build_from_params", "build_from_spec", "list_archs", "lookup", "slim"]
+__all__ = ["build", "build_from_params", "build_from_spec", "list_archs", "lookup", "pad_channels", "slim"]

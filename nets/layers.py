@@ -30,6 +30,16 @@ def _out_size(size: int, kernel: int, stride: int, padding: str) -> int:
     return math.ceil((size - kernel + 1) / stride)
 
 
+def pad_axis(array: np.ndarray, axis: int, size: int, fill: float = 0.0) -> np.ndarray:
+    """`array` grown to `size` along `axis`, the new entries (after the old ones) set to `fill`."""
+    extra = size - array.shape[axis]
+    if extra <= 0:
+        return array
+    shape = list(array.shape)
+    shape[axis] = extra
+    return np.concatenate([array, np.full(shape, fill, array.dtype)], axis)
+
+
 def he_fan_out(shape) -> np.ndarray:
     """VarianceScaling(scale=2, mode='fan_out', truncated normal): the reference's conv init."""
     fan_out = shape[0] * shape[1] * shape[3]
@@ -71,6 +81,10 @@ class Layer(tf.Module):
 
     def sliced(self) -> dict:
         """Numpy parameters of the slimmed layer: kept channels gathered, renorm baked in."""
+        raise NotImplementedError
+
+    def padded(self, width) -> dict:
+        """Numpy parameters grown to `width(group)` channels per group, new channels inert (zero)."""
         raise NotImplementedError
 
     def _renorm_scale(self, full: np.ndarray, kept: np.ndarray) -> float:
@@ -154,6 +168,13 @@ class Conv2d(Layer):
             out["biases"] = self.biases.numpy()[..., self.out_group.kept()]
         return out
 
+    def padded(self, width):
+        kernel = pad_axis(pad_axis(self.kernel.numpy(), 2, width(self.in_group)), 3, width(self.out_group))
+        out = {"kernel": kernel}
+        if self.use_bias:
+            out["biases"] = pad_axis(self.biases.numpy(), 3, width(self.out_group))
+        return out
+
 
 class DepthwiseConv2d(Layer):
     """Depthwise convolution (multiplier 1): its input and output are one group."""
@@ -197,6 +218,12 @@ class DepthwiseConv2d(Layer):
         out = {"kernel": kernel * self._renorm_scale(full, kernel)}
         if self.use_bias:
             out["biases"] = self.biases.numpy()[..., self.group.kept()]
+        return out
+
+    def padded(self, width):
+        out = {"kernel": pad_axis(self.kernel.numpy(), 2, width(self.group))}
+        if self.use_bias:
+            out["biases"] = pad_axis(self.biases.numpy(), 3, width(self.group))
         return out
 
 
@@ -256,6 +283,16 @@ class FC(Layer):
         out = {"kernel": kernel * self._renorm_scale(full, kernel)}
         if self.use_bias:
             out["biases"] = self.biases.numpy()[:, self.out_group.kept()]
+        return out
+
+    def padded(self, width):
+        # Rows are spatial-major (`s * C + c`): grow each position's block of C rows.
+        kernel = self.kernel.numpy().reshape([self.spatial, self.in_group.size, -1])
+        kernel = pad_axis(pad_axis(kernel, 1, width(self.in_group)).reshape([-1, kernel.shape[-1]]), 1,
+                          width(self.out_group))
+        out = {"kernel": kernel}
+        if self.use_bias:
+            out["biases"] = pad_axis(self.biases.numpy(), 1, width(self.out_group))
         return out
 
 
@@ -337,3 +374,8 @@ class BatchNorm(Layer):
     def sliced(self):
         kept = self.group.kept()
         return {name: var.numpy()[..., kept] for name, var in self.named.items()}
+
+    def padded(self, width):
+        # gamma = beta = 0: a new channel's output is 0 whatever its (zero) input and statistics.
+        return {name: pad_axis(var.numpy(), -1, width(self.group), 1.0 if name == "moving_variance" else 0.0)
+                for name, var in self.named.items()}

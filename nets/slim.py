@@ -4,9 +4,16 @@ The slimmed net is a fresh instance of the same class built with the width spec 
 (`masked=False`: no mask variables, narrower variables). Each layer gathers its kept input and
 output channels; when `options.renorm` is on, the kernel keeps the masked kernel's rescaling so
 the slimmed net computes exactly what the masked net computed.
+
+`pad_channels` goes the other way for deployment: CPU convolution kernels work on blocks of 8
+(AVX2) or 16 channels, so a slimmed net with odd widths (1, 7, 13, ...) can be slower than its
+FLOPs suggest; padding every width up to a multiple with inert zero channels keeps the outputs
+and lets the kernels run full blocks (`docs/benchmarks.md`, latency).
 """
 
 from __future__ import annotations
+
+from nets.complexity import width_fn_from
 
 
 def slim(net, masked: bool = False):
@@ -23,3 +30,27 @@ def slim(net, masked: bool = False):
         for name, array in layer.sliced().items():
             target.named[name].assign(array)
     return small
+
+
+def pad_channels(net, multiple: int = 8):
+    """A copy of `net` (slimmed first if masked) whose prunable groups have a multiple of
+    `multiple` channels (at most the architecture's full width), with the same outputs in
+    inference mode.
+
+    New channels are inert: zero kernel slices in and out, zero bias, BN gamma and beta 0 (and
+    moving variance 1), so each one is exactly 0 wherever it appears, residual streams included.
+    It is an inference layout: training it would move the new channels' BN betas.
+    """
+    if net.compactors:
+        raise ValueError(f"{net.arch}: fold the ResRep compactors (nets.compactor.fold) before padding")
+    if multiple < 1:
+        raise ValueError(f"pad_channels: multiple must be >= 1, got {multiple}")
+    source = slim(net) if net.masked else net
+    full = {k: g.size for k, g in type(net)(arch=net.arch, masked=False, **net.config).prunable_groups().items()}
+    widths = {k: min(-(-w // multiple) * multiple, full[k]) for k, w in source.widths().items()}
+    padded = type(net)(arch=net.arch, widths=widths, masked=False, **net.config)
+    width = width_fn_from(widths)
+    for key, layer in source.layers.items():
+        for name, array in layer.padded(width).items():
+            padded.layers[key].named[name].assign(array)
+    return padded

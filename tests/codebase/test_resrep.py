@@ -223,3 +223,10 @@ def test_train_cifar_resrep_converts_and_test_py_loads_it(tmp_path, capsys):
                       str(run / "trained_params.pkl"), "--json", "--latency_runs", "1"])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["top1"] == pytest.approx(results["top1"]) and printed["widths"] == widths
+    # --pad_to: the same accuracy from every width rounded up to a multiple of 8 (at most the full 16/32/64).
+    test_script.main(["--arch", "ResNet-20", "--data_path", str(data), "--trained_param",
+                      str(run / "trained_params.pkl"), "--json", "--latency_runs", "1", "--pad_to", "8"])
+    padded = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert padded["top1"] == pytest.approx(results["top1"]) and padded["pad_to"] == 8
+    assert padded["widths"] == {k: -(-w // 8) * 8 for k, w in widths.items()}
+    assert padded["flops"] >= printed["flops"]
