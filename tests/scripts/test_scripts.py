@@ -125,3 +125,16 @@ def test_train_imagenet_on_tfrecord_shards(tmp_path):
                                    "--batch_size", "4", "--val_batch_size", "4"])
     assert 0 <= results["top5"] <= 1
     assert load_params(tmp_path / "run" / "trained_params.pkl")["fc/kernel:0"].shape == (512, 1000)
+
+
+def test_train_imagenet_ekg_stops_with_one_line_before_training(tmp_path, capsys):
+    data = write_imagenet(tmp_path / "imagenet", train_shards=1, per_train_shard=4, val_shards=1,
+                          per_val_shard=4).path
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        train_imagenet.main(["--method", "ekg", "--arch", "ResNet-18", "--data_path", str(data), "--train_path",
+                             str(run), "--baseline_epoch", "1", "--steps_per_epoch", "1", "--batch_size", "4"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: --method ekg needs an in-memory training set")
+    assert not (run / "stages.json").exists()  # no stage ran

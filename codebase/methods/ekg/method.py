@@ -21,6 +21,7 @@ from codebase.methods.ekg.search import GreedySearch, SearchState
 from codebase.methods.pruning import PruningMethod, inference_arrays, log
 from op_utils.losses import kl_t, select_teachers
 from utils.atomic import atomic_open, atomic_write_json
+from utils.errors import ConfigError
 from utils.logs import Scalars
 
 WARM, STATE, BANK = "warmup_params.pkl", "search_state.json", "knowledge.npy"
@@ -65,6 +66,10 @@ def memory_bank_loss(bank, temperature: float):
 @register("ekg")
 class EKG(PruningMethod):
     def stages(self):
+        if not hasattr(self.ctx.data, "train_arrays"):
+            # Checked before any stage runs, so no baseline training is spent on a run that cannot finish.
+            raise ConfigError(f"--method ekg needs an in-memory training set (CIFAR, MNIST): its search subsets and "
+                              f"memory bank are not streamed from disk yet, and --dataset {self.cfg.dataset} is")
         return [Stage("baseline", self.baseline), Stage("warmup", self.warmup), Stage("search", self.search),
                 Stage("memory_bank", self.memory_bank), Stage("finetune", self.finetune), Stage("test", self.test)]
 
