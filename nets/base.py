@@ -52,12 +52,14 @@ class Net(tf.Module):
         self.groups: dict[str, ChannelGroup] = {}
         self.layers: dict[str, Layer] = {}
         self._requested_widths = dict(widths or {})
+        self.full_sizes: dict[str, int] = {}  # every group's declared size, before a width spec shrinks it
 
     # === Declaring the structure (used by subclasses in __init__) ===
     def group(self, key: str, size: int, prunable: bool = True) -> ChannelGroup:
         """Declare a channel group; a width spec may shrink it."""
         if key in self.groups:
             raise ValueError(f"{self.arch}: group {key!r} declared twice")
+        self.full_sizes[key] = int(size)
         if prunable and key in self._requested_widths:
             width = int(self._requested_widths[key])
             if not 1 <= width <= size:

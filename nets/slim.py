@@ -46,8 +46,7 @@ def pad_channels(net, multiple: int = 8):
     if multiple < 1:
         raise ValueError(f"pad_channels: multiple must be >= 1, got {multiple}")
     source = slim(net) if net.masked else net
-    full = {k: g.size for k, g in type(net)(arch=net.arch, masked=False, **net.config).prunable_groups().items()}
-    widths = {k: min(-(-w // multiple) * multiple, full[k]) for k, w in source.widths().items()}
+    widths = {k: min(-(-w // multiple) * multiple, net.full_sizes[k]) for k, w in source.widths().items()}
     padded = type(net)(arch=net.arch, widths=widths, masked=False, **net.config)
     width = width_fn_from(widths)
     for key, layer in source.layers.items():

@@ -186,27 +186,31 @@ class ResRep(PruningMethod):
         with open(ctx.path(RESREP_LOGS)) as f:
             trained = json.load(f)
         small = slim(fold(net))
-        folded = ctx.evaluate(ctx.copy_net(small))
+        evaluated = ctx.copy_net(small)
+        folded = ctx.evaluate(evaluated)
         removed = np.concatenate([c.row_norms()[c.mask.numpy() < 0.5] for c in net.compactors.values()])
+        largest = float(removed.max(initial=0.0))
         # Rows that had not decayed (a short run) leave the BN statistics after them stale, as any
         # pruning does: re-estimate them on training images like the other methods. A lossless
         # conversion (every removed row under the reference's 1e-5) keeps the trained statistics.
-        reestimate = bool(removed.max(initial=0.0) > LOSSLESS_NORM)
+        reestimate = largest > LOSSLESS_NORM
+        before = folded
         if reestimate:
             recalibrate_bn(small, ctx.data.train_eval(self.cfg.search_batch_size))
-        small = ctx.copy_net(small)
-        before = ctx.evaluate(small) if reestimate else folded
-        cost, full = small.cost(), net.cost()
+            evaluated = ctx.copy_net(small)
+            before = ctx.evaluate(evaluated)
+        cost, full = evaluated.cost(), net.cost()
         info = {"method": "resrep", "resrep_top1": trained["eval_top1"], "folded_top1": float(folded["top1"]),
                 "bn_reestimated": reestimate, "before_finetune_top1": float(before["top1"]),
                 "flops_rate": cost.ekg_flops / full.ekg_flops, "closed_channels": int(removed.size),
-                "closed_norm_max": float(removed.max(initial=0.0)),
-                **{f"slimmed_{k}": v for k, v in cost.as_dict().items()}, "widths": small.widths()}
+                "closed_norm_max": largest,
+                **{f"slimmed_{k}": v for k, v in cost.as_dict().items()}, "widths": evaluated.widths()}
         atomic_write_json(ctx.path("prune_results.json"), info)
-        save_net(small, ctx.path(SLIMMED))
+        save_net(evaluated, ctx.path(SLIMMED))
         log.info("converted: top1 %.4f with compactors, %.4f folded with %d closed rows removed (largest norm "
-                 "%.3g), %.4f with BN statistics re-estimated | %s", info["resrep_top1"], info["folded_top1"],
-                 removed.size, info["closed_norm_max"], info["before_finetune_top1"], cost.describe())
+                 "%.3g)%s | %s", info["resrep_top1"], info["folded_top1"], removed.size, largest,
+                 f", {info['before_finetune_top1']:.4f} with BN statistics re-estimated" if reestimate else "",
+                 cost.describe())
 
     def finetune(self):
         if self.cfg.train_epoch:
