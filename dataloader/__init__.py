@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from dataloader.base import Dataset, DatasetInfo
+from dataloader.base import Dataset, DatasetInfo, SideData
 from dataloader.cifar import CIFAR10, CIFAR100, Cifar, CifarSpec
 from dataloader.imagenet import ImageNet
 from dataloader.mnist import Mnist
@@ -23,6 +23,7 @@ __all__ = [
     "DatasetInfo",
     "ImageNet",
     "Mnist",
+    "SideData",
     "DATASET_NAMES",
     "build_dataset",
 ]

@@ -5,6 +5,8 @@ import abc
 import dataclasses
 from typing import Sequence
 
+import numpy as np
+
 import tensorflow as tf
 
 from utils.errors import ConfigError
@@ -68,12 +70,47 @@ def normalise(images: tf.Tensor, mean: Sequence[float], std: Sequence[float]) ->
     return (tf.cast(images, tf.float32) - mean_t) / std_t
 
 
+@dataclasses.dataclass(frozen=True)
+class SideData:
+    """Per-example data stored beside a streamed training set, such as a memory bank.
+
+    A raw file (no header) of one fixed-size record per training example, in the training
+    set's natural order (:meth:`Dataset.train_eval`). Pipelines that take it read each
+    shard's slice of the file next to the shard itself, so the records stay with their
+    examples through shuffling and sharding, and nothing is held in memory.
+
+    Attributes:
+        path: The raw file.
+        shape: Shape of one record.
+        dtype: Numpy / TensorFlow dtype name of the values.
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str = "float16"
+
+    @property
+    def record_bytes(self) -> int:
+        size = tf.as_dtype(self.dtype).size
+        for dim in self.shape:
+            size *= int(dim)
+        return size
+
+
 class Dataset(abc.ABC):
     """A labelled image dataset with training, test and training-evaluation pipelines.
 
     Every pipeline yields ``float32`` NHWC images that are already normalised with
     ``info.mean`` / ``info.std`` and ``int32`` labels.
     """
+
+    #: Whether the training set is held in memory as arrays (``train_arrays``); streamed
+    #: datasets instead offer ``train_subset`` and per-example side data in ``train``.
+    in_memory = False
+
+    @abc.abstractmethod
+    def train_labels(self) -> np.ndarray:
+        """The int64 labels of the training set in its natural order (as ``train_eval``)."""
 
     @property
     @abc.abstractmethod

@@ -1,13 +1,15 @@
 """ImageNet (ILSVRC-2012) from the standard TFRecord shards."""
 from __future__ import annotations
 
+import functools
 import os
 
+import numpy as np
 import tensorflow as tf
 
 from dataloader import imagenet_preprocess as prep
-from dataloader import seeds, tfrecord
-from dataloader.base import Dataset, DatasetInfo, check_batching
+from dataloader import seeds, streams, tfrecord
+from dataloader.base import Dataset, DatasetInfo, SideData, check_batching
 from dataloader.files import one_line
 from utils.errors import ConfigError, DataError
 
@@ -86,6 +88,7 @@ class ImageNet(Dataset):
         # Per-instance memo of the shards already checked and of the counted sizes.
         self._checked: set[str] = set()
         self._info: DatasetInfo | None = None
+        self._train_sizes: list[int] | None = None
 
     # ----- shards -------------------------------------------------------------------
     def shards(self, split: str) -> list[str]:
@@ -122,14 +125,10 @@ class ImageNet(Dataset):
         try:
             encoded, label = prep.parse_record(tf.constant(record), self.label_offset)
         except tf.errors.OpError as err:
-            raise DataError(
-                f"{path}: first record is not an ImageNet tf.train.Example ({one_line(err)})"
-            ) from None
+            raise DataError(f"{path}: first record is not an ImageNet tf.train.Example ({one_line(err)})") from None
         if not 0 <= int(label) < NUM_CLASSES:
-            raise DataError(
-                f"{path}: label {int(label) + self.label_offset} minus offset "
-                f"{self.label_offset} is outside [0, {NUM_CLASSES})"
-            )
+            raise DataError(f"{path}: label {int(label) + self.label_offset} minus offset "
+                            f"{self.label_offset} is outside [0, {NUM_CLASSES})")
         try:
             tf.io.decode_jpeg(encoded, channels=3)
         except tf.errors.OpError as err:
@@ -139,34 +138,34 @@ class ImageNet(Dataset):
         """Counts the records of a split by reading the framing of every shard."""
         return sum(tfrecord.count_records(path) for path in self.shards(split))
 
+    def train_shard_sizes(self) -> list[int]:
+        """Records in each training shard, in sorted shard order (from the framing alone)."""
+        if self._train_sizes is None:
+            self._train_sizes = [tfrecord.count_records(path) for path in self.shards("train")]
+        return list(self._train_sizes)
+
+    def train_labels(self) -> np.ndarray:
+        """See :meth:`Dataset.train_labels`: one pass over the shards that parses labels only."""
+        files = self.shards("train")
+        self.check_shards(paths=files)
+        ds = tf.data.TFRecordDataset(files).map(lambda record: prep.parse_label(record, self.label_offset),
+                                                num_parallel_calls=_AUTOTUNE, deterministic=True)
+        batches = [b.numpy() for b in ds.batch(65536)]
+        return np.concatenate(batches).astype(np.int64) if batches else np.zeros([0], np.int64)
+
     @property
     def info(self) -> DatasetInfo:
         if self._info is None:
-            sizes = {
-                split: self.count_records(split) if size is None else int(size)
-                for split, size in self._sizes.items()
-            }
-            self._info = DatasetInfo(
-                name="imagenet",
-                num_classes=NUM_CLASSES,
-                image_shape=(self.image_size, self.image_size, 3),
-                num_train=sizes["train"],
-                num_test=sizes["test"],
-                mean=IMAGENET_MEAN,
-                std=IMAGENET_STD,
-            )
+            sizes = {split: self.count_records(split) if size is None else int(size)
+                     for split, size in self._sizes.items()}
+            self._info = DatasetInfo(name="imagenet", num_classes=NUM_CLASSES,
+                                     image_shape=(self.image_size, self.image_size, 3), num_train=sizes["train"],
+                                     num_test=sizes["test"], mean=IMAGENET_MEAN, std=IMAGENET_STD)
         return self._info
 
     # ----- pipelines ----------------------------------------------------------------
-    def train(
-        self,
-        batch_size: int,
-        epoch: int,
-        seed: int,
-        augment: bool = True,
-        num_shards: int = 1,
-        shard_index: int = 0,
-    ) -> tf.data.Dataset:
+    def train(self, batch_size: int, epoch: int, seed: int, augment: bool = True, num_shards: int = 1,
+              shard_index: int = 0, views: int = 1, side: SideData | None = None) -> tf.data.Dataset:
         """See :meth:`Dataset.train`.
 
         The shard files are permuted identically on every worker, then worker ``i``
@@ -176,41 +175,56 @@ class ImageNet(Dataset):
         are seeded by (seed, epoch, worker, position), so the stream does not depend on
         TensorFlow's global seed. With several workers the stream is repeated and cut
         to :meth:`steps_per_epoch` batches so that all workers run the same steps.
+
+        With ``views > 1`` every example yields ``views`` independent augmentations
+        stacked as ``[batch, views, H, W, C]``. With ``side``, batches are ``(images,
+        labels, side records)``: each shard is read beside its slice of the side file,
+        so the records follow their examples through the shuffle and the sharding.
+
+        Raises:
+            DataError: If the side file's size does not match the training shards.
         """
         check_batching(batch_size, num_shards, shard_index)
-        files = self.shards("train")
-        files = [files[i] for i in seeds.permutation(seed, epoch, len(files))]
-        by_record = num_shards > 1 and len(files) < num_shards
+        if views < 1 or (views > 1 and not augment):
+            raise ConfigError(f"views must be >= 1, and several views need augment=True; got {views}")
+        all_files = self.shards("train")
+        order = seeds.permutation(seed, epoch, len(all_files))
+        by_record = num_shards > 1 and len(all_files) < num_shards
         if num_shards > 1 and not by_record:
-            files = files[shard_index::num_shards]
+            order = order[shard_index::num_shards]
+        files = [all_files[i] for i in order]
         self.check_shards(paths=files)
         key = seeds.epoch_key(seed, epoch, shard_index)
 
-        ds = tf.data.Dataset.from_tensor_slices(files)
-        ds = ds.interleave(
-            tf.data.TFRecordDataset,
-            cycle_length=min(self.cycle_length, len(files)),
-            block_length=1,
-            num_parallel_calls=_AUTOTUNE,
-            deterministic=True,
-        )
+        if side is None:
+            ds = tf.data.Dataset.from_tensor_slices(files)
+            read = tf.data.TFRecordDataset
+        else:
+            slices = streams.side_slices(side, self.train_shard_sizes(), order, self.folder)
+            ds = tf.data.Dataset.from_tensor_slices((files, *slices))
+            read = functools.partial(streams.with_side, side)
+        ds = ds.interleave(read, cycle_length=min(self.cycle_length, len(files)), block_length=1,
+                           num_parallel_calls=_AUTOTUNE, deterministic=True)
         if by_record:
             ds = ds.shard(num_shards, shard_index)
-        ds = _block_shuffle(ds, self.shuffle_block, key)
+        ds = streams.block_shuffle(ds, self.shuffle_block, key)
         if num_shards > 1:
             ds = ds.repeat()
         ds = ds.enumerate()
 
-        def _one(position, record):
+        def _one(position, item):
+            record, extra = item if side is not None else (item, None)
             encoded, label = prep.parse_record(record, self.label_offset)
             if augment:
-                image = prep.train_image(
-                    encoded, seeds.example_seed(key, position), self.image_size,
-                    IMAGENET_MEAN, IMAGENET_STD,
-                )
+                seed_t = seeds.example_seed(key, position)
+                image = [prep.train_image(encoded, tf.random.experimental.stateless_fold_in(seed_t, v) if v else seed_t,
+                                          self.image_size, IMAGENET_MEAN, IMAGENET_STD) for v in range(views)]
+                image = tf.stack(image) if views > 1 else image[0]
             else:
                 image = self._eval_image(encoded)
-            return image, label
+            if side is None:
+                return image, label
+            return image, label, tf.reshape(tf.io.decode_raw(extra, side.dtype), side.shape)
 
         ds = ds.map(_one, num_parallel_calls=_AUTOTUNE, deterministic=True)
         ds = ds.batch(int(batch_size), drop_remainder=True)
@@ -218,14 +232,35 @@ class ImageNet(Dataset):
             ds = ds.take(self._shard_steps(batch_size, num_shards))
         return ds.prefetch(_AUTOTUNE)
 
+    def train_subset(self, indices, batch_size: int, epoch: int | None = None, seed: int = 0, num_shards: int = 1,
+                     shard_index: int = 0) -> tf.data.Dataset:
+        """Training examples at natural-order positions ``indices``, inference preprocessing.
+
+        Only the shards that hold one of them are read; the rest of each is skipped
+        without decoding. Batches are ``(images, labels, index)`` in natural order, or,
+        with ``epoch``, shuffled in blocks by (seed, epoch). With several workers, each
+        gets ``len(indices) // num_shards`` examples (positions ``i::num_shards``).
+
+        Raises:
+            ConfigError: If an index is outside the training set.
+        """
+        check_batching(batch_size, num_shards, shard_index)
+        indices = np.unique(np.asarray(indices, np.int64))
+        ds = streams.subset_records(self.shards("train"), self.train_shard_sizes(), indices, self.check_shards)
+        if num_shards > 1:
+            ds = ds.take(len(indices) - len(indices) % num_shards).shard(num_shards, shard_index)
+        if epoch is not None:
+            ds = streams.block_shuffle(ds, self.shuffle_block, seeds.epoch_key(seed, epoch, shard_index))
+        ds = ds.map(lambda i, record: (*self._eval_example(record), i), num_parallel_calls=_AUTOTUNE,
+                    deterministic=True)
+        return ds.batch(int(batch_size)).prefetch(_AUTOTUNE)
+
     def _shard_steps(self, batch_size: int, num_shards: int) -> int:
         """Steps every worker runs; zero would leave the workers with nothing to do."""
         steps = self.steps_per_epoch(batch_size, num_shards)
         if steps == 0:
-            raise ConfigError(
-                f"imagenet: batch size {batch_size} x {num_shards} shards exceeds the "
-                f"{self.info.num_train} training examples"
-            )
+            raise ConfigError(f"imagenet: batch size {batch_size} x {num_shards} shards exceeds the "
+                              f"{self.info.num_train} training examples")
         return steps
 
     def test(self, batch_size: int) -> tf.data.Dataset:
@@ -263,20 +298,3 @@ class ImageNet(Dataset):
     def _eval_example(self, record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         encoded, label = prep.parse_record(record, self.label_offset)
         return self._eval_image(encoded), label
-
-
-def _block_shuffle(ds: tf.data.Dataset, block: int, key: int) -> tf.data.Dataset:
-    """Shuffles consecutive blocks of ``block`` elements with stateless permutations.
-
-    ``Dataset.shuffle`` mixes TensorFlow's global seed into its seed, which would make
-    the order depend on process state; a stateless permutation per block does not.
-    """
-
-    def _permute(block_index, records):
-        noise = tf.random.stateless_uniform(
-            tf.shape(records)[:1], seed=seeds.example_seed(key, -1 - block_index)
-        )
-        return tf.gather(records, tf.argsort(noise))
-
-    ds = ds.batch(block).enumerate()
-    return ds.map(_permute).unbatch()

@@ -36,6 +36,12 @@ def parse_record(record: tf.Tensor, label_offset: int) -> tuple[tf.Tensor, tf.Te
     return parsed["image/encoded"], label
 
 
+def parse_label(record: tf.Tensor, label_offset: int) -> tf.Tensor:
+    """The 0-based int32 label of a serialised ``tf.train.Example`` (the image is not copied)."""
+    parsed = tf.io.parse_single_example(record, {"image/class/label": FEATURES["image/class/label"]})
+    return tf.cast(parsed["image/class/label"] - label_offset, tf.int32)
+
+
 def train_image(
     encoded: tf.Tensor,
     seed: tf.Tensor,

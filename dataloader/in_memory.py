@@ -22,6 +22,8 @@ class InMemoryDataset(Dataset):
     the object is cheap and a missing training split does not stop evaluation.
     """
 
+    in_memory = True
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         """Stores the normalisation constants.
 
@@ -76,6 +78,10 @@ class InMemoryDataset(Dataset):
                 labels.setflags(write=False)
                 self._arrays.setdefault(name, (images, labels))
         return self._arrays[split]
+
+    def train_labels(self) -> np.ndarray:
+        """See :meth:`Dataset.train_labels`."""
+        return self._split("train")[1]
 
     def train_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """The training split as read-only (uint8 NHWC images, int64 labels)."""

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 import nets
 import train_cifar
-from codebase.methods.ekg.memory_bank import pick_teachers
+from codebase.methods.ekg.memory_bank import build_memory_bank, pick_teachers
 from codebase.methods.ekg.method import memory_bank_loss, search_subsets
 from codebase.methods.ekg.search import GreedySearch, SearchState, keep_count, trimmed_otsu
 from op_utils.losses import kl_t, select_teachers
@@ -170,6 +170,23 @@ def test_select_teachers_and_kd_loss_by_hand():
     kd = [kl(target, views[:, v]) for v in (0, 1)]
     np.testing.assert_allclose(per_example, (ce[0] + ce[1] + kd[0] + kd[1]) / 2, rtol=1e-5)
     np.testing.assert_allclose(logits, views.mean(1), rtol=1e-6)
+    # A streamed bank: the batch carries the teachers' logits (float16 on disk) in place of the index.
+    streamed, _, _ = memory_bank_loss(None, t)(model, (tf.constant(views), tf.constant(labels),
+                                                      tf.constant(bank.astype(np.float16))), True)
+    np.testing.assert_allclose(streamed, per_example, rtol=1e-3)
+
+
+def test_memory_bank_fills_a_float16_file_like_the_in_memory_bank(tmp_path):
+    search = tiny_search()
+    state = search.initial_state()
+    teachers = [(state.rates, state.orders), ({k: 0.5 for k in search.keys}, state.orders)]
+    images = np.random.default_rng(3).normal(size=(10, 8, 8, 3)).astype(np.float32)
+    dataset = tf.data.Dataset.from_tensor_slices((images, np.zeros(10, np.int32), np.arange(10))).batch(4)
+    in_memory = build_memory_bank(search, teachers, dataset, 10)
+    on_disk = np.memmap(tmp_path / "bank.f16", np.float16, "w+", shape=(10, 4, 2))
+    build_memory_bank(search, teachers, dataset, 10, out=on_disk)
+    assert in_memory.shape == (10, 4, 2) and not np.allclose(in_memory[..., 0], in_memory[..., 1])
+    np.testing.assert_allclose(on_disk, in_memory, rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dataloader import ImageNet, build_dataset
+from dataloader import ImageNet, SideData, build_dataset
 from dataloader.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from tests.dataloader import fakes
 from utils.errors import ConfigError, DataError
@@ -200,3 +200,63 @@ def test_bad_jpeg_and_label_are_named(tmp_path):
 def test_too_large_a_batch_for_the_workers(dataset):
     with pytest.raises(ConfigError, match="exceeds the 15 training examples"):
         dataset.train(8, 0, 0, num_shards=2)
+
+
+# ----- what a streamed EKG needs: labels, subsets, side data ----------------------------
+def test_train_labels_and_shard_sizes_follow_natural_order(dataset, fake):
+    assert dataset.train_shard_sizes() == [5, 5, 5]
+    np.testing.assert_array_equal(dataset.train_labels(), fake.train.labels)
+    assert not dataset.in_memory
+
+
+def test_train_subset_reads_exactly_the_chosen_examples(dataset, fake):
+    wanted = [11, 3, 0, 7]
+    images, labels, index = (np.concatenate(t) for t in zip(*_batches(dataset.train_subset(wanted, 3))))
+    np.testing.assert_array_equal(index, sorted(wanted))  # natural order
+    np.testing.assert_array_equal(labels, fake.train.labels[sorted(wanted)])
+    plain = {int(i): x for x, _, i in zip(*(np.concatenate(t) for t in zip(*_batches(dataset.train_eval(15)))))}
+    for image, i in zip(images, index):
+        np.testing.assert_allclose(image, plain[int(i)], atol=1e-6)  # inference preprocessing
+    # Shuffled per epoch and split between two workers: equal shares, together a subset of it.
+    parts = [np.concatenate([b[2] for b in _batches(dataset.train_subset(wanted + [12], 2, 1, 0, 2, k))])
+             for k in range(2)]
+    assert len(parts[0]) == len(parts[1]) == 2
+    assert set(parts[0]).isdisjoint(parts[1]) and set(parts[0]) | set(parts[1]) <= set(wanted + [12])
+    with pytest.raises(ConfigError, match="subset indices"):
+        dataset.train_subset([15], 2)
+
+
+def _side(tmp_path, count, shape=(2,)):
+    # Record k holds k in every entry: the batches tell which example each record came with.
+    values = np.repeat(np.arange(count, dtype=np.float16)[:, None], int(np.prod(shape)), 1).reshape(count, *shape)
+    path = tmp_path / "side.f16"
+    values.tofile(path)
+    return SideData(str(path), shape, "float16")
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 4])  # 4 workers > 3 files: record sharding
+def test_side_records_stay_with_their_examples(dataset, fake, tmp_path, num_shards):
+    side = _side(tmp_path, 15, (2, 3))
+    seen = []
+    for k in range(num_shards):
+        for images, labels, extra in _batches(dataset.train(2, 1, 5, num_shards=num_shards, shard_index=k,
+                                                            views=2, side=side)):
+            assert images.shape == (2, 2, 32, 32, 3) and extra.shape == (2, 2, 3) and extra.dtype == np.float16
+            index = extra[:, 0, 0].astype(int)
+            np.testing.assert_array_equal(labels, fake.train.labels[index])
+            seen.extend(index)
+    if num_shards == 1:
+        assert len(set(seen)) == 14  # 15 records, batches of 2, the last one dropped
+
+
+def test_two_views_are_two_augmentations_of_one_image(dataset):
+    images, _ = next(iter(dataset.train(4, 0, 3, views=2)))
+    one, _ = next(iter(dataset.train(4, 0, 3)))
+    np.testing.assert_allclose(images[:, 0], one)  # view 0 is the single-view stream
+    assert not np.allclose(images[:, 0], images[:, 1])
+
+
+def test_side_file_of_the_wrong_size_is_named(dataset, tmp_path):
+    side = _side(tmp_path, 14)
+    with pytest.raises(DataError, match="side.f16: expected 15 records"):
+        dataset.train(2, 0, 0, side=side)

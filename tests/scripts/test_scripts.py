@@ -5,11 +5,12 @@ import pickle
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import test as test_script
 import train_cifar
 import train_imagenet
-from tests.dataloader.fakes import write_cifar10, write_imagenet, write_mnist
+from tests.dataloader.fakes import imagenet_example, write_cifar10, write_imagenet, write_mnist
 from utils.params_io import load_params
 
 TINY = ["--train_epoch", "1", "--steps_per_epoch", "2", "--batch_size", "8", "--val_batch_size", "8",
@@ -127,14 +128,30 @@ def test_train_imagenet_on_tfrecord_shards(tmp_path):
     assert load_params(tmp_path / "run" / "trained_params.pkl")["fc/kernel:0"].shape == (512, 1000)
 
 
-def test_train_imagenet_ekg_stops_with_one_line_before_training(tmp_path, capsys):
-    data = write_imagenet(tmp_path / "imagenet", train_shards=1, per_train_shard=4, val_shards=1,
-                          per_val_shard=4).path
+@pytest.mark.slow
+def test_train_imagenet_ekg_streams_subsets_and_memory_bank(tmp_path):
+    # 2 shards x 6 records of 3 classes: every class has images for both search subsets.
+    data = tmp_path / "imagenet"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for split, shards in (("train", 2), ("validation", 1)):
+        for s in range(shards):
+            with tf.io.TFRecordWriter(str(data / f"{split}-{s:05d}-of-{shards:05d}")) as writer:
+                for k in range(6):
+                    image = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+                    writer.write(imagenet_example(image, 1 + (6 * s + k) % 3))
     run = tmp_path / "run"
-    with pytest.raises(SystemExit) as exit_:
-        train_imagenet.main(["--method", "ekg", "--arch", "ResNet-18", "--data_path", str(data), "--train_path",
-                             str(run), "--baseline_epoch", "1", "--steps_per_epoch", "1", "--batch_size", "4"])
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: --method ekg needs an in-memory training set")
-    assert not (run / "stages.json").exists()  # no stage ran
+    results = train_imagenet.main(["--method", "ekg", "--arch", "ResNet-18", "--data_path", str(data),
+                                   "--train_path", str(run), "--baseline_epoch", "1", "--train_epoch", "1",
+                                   "--steps_per_epoch", "1", "--batch_size", "2", "--val_batch_size", "4",
+                                   "--search_batch_size", "4", "--search_train_per_class", "1",
+                                   "--search_val_per_class", "1", "--search_target_rate", "0.95",
+                                   "--num_replicas", "2"])
+    assert results["ekg_flops"] <= 0.95 * results["full_ekg_flops"] + 1
+    assert json.loads((run / "stages.json").read_text())[-1] == "test"
+    np.testing.assert_array_equal(np.load(run / "train_labels.npy"), np.arange(12) % 3)
+    meta = json.loads((run / "knowledge.json").read_text())
+    assert meta == {"shape": [12, 1000, meta["shape"][2]], "dtype": "float16"} and meta["shape"][2] >= 1
+    bank = np.fromfile(run / "knowledge.f16", np.float16).reshape(meta["shape"])
+    assert np.isfinite(bank).all() and np.abs(bank).max() > 0
+    assert not (run / "knowledge.npy").exists()

@@ -34,7 +34,7 @@ def pick_teachers(losses, num_teacher: int) -> list:
     return picked
 
 
-def build_memory_bank(search, teachers, dataset, num_examples: int) -> np.ndarray:
+def build_memory_bank(search, teachers, dataset, num_examples: int, out=None) -> np.ndarray:
     """Logits `[N, classes, T]` of each teacher `(rates, orders)` on the training set.
 
     Args:
@@ -42,10 +42,15 @@ def build_memory_bank(search, teachers, dataset, num_examples: int) -> np.ndarra
         teachers: list of `(rates, orders)`.
         dataset: batches of `(images, labels, index)` in natural order (inference preprocessing).
         num_examples: size of the training set.
+        out: optional array `[N, classes, T]` to fill (e.g. a float16 `np.memmap` on disk, for
+            a training set whose bank does not fit in memory); float32 in memory otherwise.
     """
     net = search.net
     forward = tf.function(lambda x: net(x, training=True))
-    bank = np.zeros([num_examples, net.groups["logits"].size, len(teachers)], np.float32)
+    shape = [num_examples, net.groups["logits"].size, len(teachers)]
+    bank = np.zeros(shape, np.float32) if out is None else out
+    if list(bank.shape) != shape:
+        raise ValueError(f"memory bank: out has shape {list(bank.shape)}, expected {shape}")
     for t, (rates, orders) in enumerate(teachers):
         search.apply(rates, orders)
         for images, _, index in dataset:
