@@ -13,6 +13,8 @@ For every seed, each method is a run of the toolkit's own scripts, in its own pr
 * ``resrep``: ``--method resrep`` to the same target: ``--resrep_epochs`` epochs of training with
   compactors and the Res update (schedule compressed, see ``RESREP``), conversion, then the same
   fine-tuning budget as the others.
+* ``resrep_ft``: ResRep given EKG's wall-clock: the converted net of the ``resrep`` run
+  (``slimmed_params.pkl``) fine-tuned by ``--method none`` for ``--long_finetune_epochs`` epochs.
 
 All fine-tunings use EKG's preset (lr 0.01, x0.2 at 30/60/80% of training, weight decay 5e-4,
 batch 128) over ``--finetune_epochs`` epochs. Test accuracy is on the test images of
@@ -50,7 +52,7 @@ FINETUNE = ["--learning_rate", "0.01", "--weight_decay", "5e-4", "--decay_points
 # a lasso strong enough (`--resrep_lambda`) for masked rows to decay within the short run.
 RESREP = ["--no-resrep_streams", "--resrep_before_mask", "0.5", "--resrep_interval", "2",
           "--resrep_granularity", "16"]
-METHODS = ("ekg", "ekg_ce", "l1", "random", "resrep")
+METHODS = ("ekg", "ekg_ce", "l1", "random", "resrep", "resrep_ft")
 
 
 def run_child(argv: list, log_path: str) -> dict:
@@ -120,13 +122,18 @@ def one_run(method: str, seed: int, args, out: str) -> dict:
         entry.update(search_process=search, rest_process=rest, wall=search["wall"] + rest["wall"],
                      before_top1_batch_stats=batch_stat_top1(os.path.join(run, "slimmed_params.pkl"), args.data_path))
         stage = "finetune"
-    elif method == "ekg_ce":
-        source = os.path.join(out, f"ekg_seed{seed}")
+    elif method in ("ekg_ce", "resrep_ft"):
+        source = os.path.join(out, f"{method.split('_')[0]}_seed{seed}")
+        if method == "resrep_ft":
+            common[common.index("--train_epoch") + 1] = str(args.long_finetune_epochs)
         proc = run_child(["train_cifar.py", "--method", "none", "--trained_param",
                           os.path.join(source, "slimmed_params.pkl"), *common], log)
         pruned = read(source, "prune_results.json")
         entry.update(process=proc, wall=proc["wall"], before_finetune_top1=pruned["before_finetune_top1"],
                      widths=pruned["widths"], flops_rate=pruned["flops_rate"])
+        if method == "resrep_ft":  # the ResRep run up to its conversion, then this fine-tuning
+            timings = read(source, "timings.json")
+            entry["wall"] += timings.get("resrep", 0) + timings.get("convert", 0)
         stage = "train"
     else:
         extra = []
@@ -201,6 +208,7 @@ def main(argv=None):
     parser.add_argument("--target", type=float, default=0.45)
     parser.add_argument("--resrep_epochs", type=int, default=4, help="ResRep: epochs with compactors")
     parser.add_argument("--resrep_lambda", type=float, default=3e-3, help="ResRep: lasso strength")
+    parser.add_argument("--long_finetune_epochs", type=int, default=20, help="resrep_ft: fine-tuning epochs")
     parser.add_argument("--latency_runs", type=int, default=20)
     parser.add_argument("--out", default="runs/ekg_bench")
     args = parser.parse_args(argv)
