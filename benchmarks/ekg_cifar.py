@@ -13,8 +13,9 @@ For every seed, each method is a run of the toolkit's own scripts, in its own pr
 * ``resrep``: ``--method resrep`` to the same target: ``--resrep_epochs`` epochs of training with
   compactors and the Res update (schedule compressed, see ``RESREP``), conversion, then the same
   fine-tuning budget as the others.
-* ``resrep_ft``: ResRep given EKG's wall-clock: the converted net of the ``resrep`` run
-  (``slimmed_params.pkl``) fine-tuned by ``--method none`` for ``--long_finetune_epochs`` epochs.
+* ``resrep_ft`` / ``l1_ft``: ResRep given EKG's wall-clock: the converted net of the ``resrep`` run
+  (``slimmed_params.pkl``) fine-tuned by ``--method none`` for ``--long_finetune_epochs`` epochs; and
+  the ``l1`` run's pruned net given the same fine-tuning.
 
 All fine-tunings use EKG's preset (lr 0.01, x0.2 at 30/60/80% of training, weight decay 5e-4,
 batch 128) over ``--finetune_epochs`` epochs. Test accuracy is on the test images of
@@ -52,7 +53,7 @@ FINETUNE = ["--learning_rate", "0.01", "--weight_decay", "5e-4", "--decay_points
 # a lasso strong enough (`--resrep_lambda`) for masked rows to decay within the short run.
 RESREP = ["--no-resrep_streams", "--resrep_before_mask", "0.5", "--resrep_interval", "2",
           "--resrep_granularity", "16"]
-METHODS = ("ekg", "ekg_ce", "l1", "random", "resrep", "resrep_ft")
+METHODS = ("ekg", "ekg_ce", "l1", "random", "resrep", "resrep_ft", "l1_ft")
 
 
 def run_child(argv: list, log_path: str) -> dict:
@@ -122,18 +123,18 @@ def one_run(method: str, seed: int, args, out: str) -> dict:
         entry.update(search_process=search, rest_process=rest, wall=search["wall"] + rest["wall"],
                      before_top1_batch_stats=batch_stat_top1(os.path.join(run, "slimmed_params.pkl"), args.data_path))
         stage = "finetune"
-    elif method in ("ekg_ce", "resrep_ft"):
+    elif method in ("ekg_ce", "resrep_ft", "l1_ft"):
         source = os.path.join(out, f"{method.split('_')[0]}_seed{seed}")
-        if method == "resrep_ft":
+        if method.endswith("_ft"):
             common[common.index("--train_epoch") + 1] = str(args.long_finetune_epochs)
         proc = run_child(["train_cifar.py", "--method", "none", "--trained_param",
                           os.path.join(source, "slimmed_params.pkl"), *common], log)
         pruned = read(source, "prune_results.json")
         entry.update(process=proc, wall=proc["wall"], before_finetune_top1=pruned["before_finetune_top1"],
                      widths=pruned["widths"], flops_rate=pruned["flops_rate"])
-        if method == "resrep_ft":  # the ResRep run up to its conversion, then this fine-tuning
+        if method.endswith("_ft"):  # the source run up to its pruned net, then this fine-tuning
             timings = read(source, "timings.json")
-            entry["wall"] += timings.get("resrep", 0) + timings.get("convert", 0)
+            entry["wall"] += sum(timings.get(k, 0) for k in ("resrep", "convert", "prune"))
         stage = "train"
     else:
         extra = []
