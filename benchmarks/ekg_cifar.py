@@ -16,6 +16,8 @@ For every seed, each method is a run of the toolkit's own scripts, in its own pr
 * ``resrep_ft`` / ``l1_ft``: ResRep given EKG's wall-clock: the converted net of the ``resrep`` run
   (``slimmed_params.pkl``) fine-tuned by ``--method none`` for ``--long_finetune_epochs`` epochs; and
   the ``l1`` run's pruned net given the same fine-tuning.
+* ``ekg_ce_ft``: the ``ekg`` run's slimmed net given that same long plain-CE fine-tuning, so that the
+  sub-networks of EKG and L1 are compared at the long budget too.
 
 All fine-tunings use EKG's preset (lr 0.01, x0.2 at 30/60/80% of training, weight decay 5e-4,
 batch 128) over ``--finetune_epochs`` epochs. Test accuracy is on the test images of
@@ -53,7 +55,7 @@ FINETUNE = ["--learning_rate", "0.01", "--weight_decay", "5e-4", "--decay_points
 # a lasso strong enough (`--resrep_lambda`) for masked rows to decay within the short run.
 RESREP = ["--no-resrep_streams", "--resrep_before_mask", "0.5", "--resrep_interval", "2",
           "--resrep_granularity", "16"]
-METHODS = ("ekg", "ekg_ce", "l1", "random", "resrep", "resrep_ft", "l1_ft")
+METHODS = ("ekg", "ekg_ce", "l1", "random", "resrep", "resrep_ft", "l1_ft", "ekg_ce_ft")
 
 
 def run_child(argv: list, log_path: str) -> dict:
@@ -123,7 +125,7 @@ def one_run(method: str, seed: int, args, out: str) -> dict:
         entry.update(search_process=search, rest_process=rest, wall=search["wall"] + rest["wall"],
                      before_top1_batch_stats=batch_stat_top1(os.path.join(run, "slimmed_params.pkl"), args.data_path))
         stage = "finetune"
-    elif method in ("ekg_ce", "resrep_ft", "l1_ft"):
+    elif method in ("ekg_ce", "resrep_ft", "l1_ft", "ekg_ce_ft"):
         source = os.path.join(out, f"{method.split('_')[0]}_seed{seed}")
         if method.endswith("_ft"):
             common[common.index("--train_epoch") + 1] = str(args.long_finetune_epochs)
@@ -134,7 +136,7 @@ def one_run(method: str, seed: int, args, out: str) -> dict:
                      widths=pruned["widths"], flops_rate=pruned["flops_rate"])
         if method.endswith("_ft"):  # the source run up to its pruned net, then this fine-tuning
             timings = read(source, "timings.json")
-            entry["wall"] += sum(timings.get(k, 0) for k in ("resrep", "convert", "prune"))
+            entry["wall"] += sum(timings.get(k, 0) for k in ("resrep", "convert", "prune", "warmup", "search"))
         stage = "train"
     else:
         extra = []
@@ -209,7 +211,8 @@ def main(argv=None):
     parser.add_argument("--target", type=float, default=0.45)
     parser.add_argument("--resrep_epochs", type=int, default=4, help="ResRep: epochs with compactors")
     parser.add_argument("--resrep_lambda", type=float, default=3e-3, help="ResRep: lasso strength")
-    parser.add_argument("--long_finetune_epochs", type=int, default=20, help="resrep_ft: fine-tuning epochs")
+    parser.add_argument("--long_finetune_epochs", type=int, default=20,
+                        help="resrep_ft, l1_ft, ekg_ce_ft: fine-tuning epochs")
     parser.add_argument("--latency_runs", type=int, default=20)
     parser.add_argument("--out", default="runs/ekg_bench")
     args = parser.parse_args(argv)

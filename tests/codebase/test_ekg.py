@@ -233,3 +233,21 @@ def test_checkpointed_scores_equal_one_tape_over_the_whole_net(cache_mb):
     for k in search.keys:
         np.testing.assert_allclose(got[k], expected[k], rtol=1e-4, atol=1e-6)
     assert any(expected[k].any() for k in search.keys)
+
+
+def test_score_drops_the_previous_cache_before_building_the_next():
+    # Rebuilt beside the old one, two caches (350 MB each for ResNet-56 on 320 images) would be alive at once.
+    search = tiny_search()
+    state = search.initial_state()
+    search.score(state.knowledge)
+    alive = []
+    run = search._run_segments
+
+    def spy(start, keep_cache):
+        if keep_cache:
+            alive.append(search._cache)
+        return run(start, keep_cache)
+
+    search._run_segments = spy
+    search.score(state.knowledge)
+    assert alive == [None] and search._cache is not None

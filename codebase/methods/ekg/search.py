@@ -277,6 +277,8 @@ class GreedySearch:
         back-propagates chunk by chunk from the cached inputs (see `__init__`): the same scores
         as one tape over the whole net, with the memory of one chunk.
         """
+        # Drop the previous net's cache first: rebuilt beside it, both would be alive at once.
+        self._cache = None
         self._run_segments(0, keep_cache=True)
         totals = {k: np.zeros(self.groups[k].size) for k in self.keys}
         begin = 0
