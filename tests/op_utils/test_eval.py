@@ -37,6 +37,17 @@ def test_exact_metrics_with_a_partial_last_batch_on_two_replicas():
     assert 0 < want["top1"] < want["top5"] < 1  # the test data exercise both metrics
 
 
+def test_a_replica_left_empty_by_the_last_batch_of_a_conv_net():
+    # 9 = 4 + 4 + 1: one replica gets no image. Its convolution (3 -> 4 channels) must not run:
+    # on some CPUs oneDNN returns the empty input's shape and BN would fail on 3 channels.
+    strategy, model, trainer = _bn_trainer(global_batch=4)
+    x, y = toy_images(9)
+    got = trainer.evaluate(tf.data.Dataset.from_tensor_slices((x, y)).batch(4))
+    want = numpy_metrics(model(x, training=False).numpy(), y)
+    assert got["count"] == 9
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5) and got["top1"] == pytest.approx(want["top1"])
+
+
 def test_empty_evaluation_set_is_a_data_error():
     strategy = make_strategy(num_replicas=2)
     with strategy.scope():
