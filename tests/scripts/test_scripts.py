@@ -67,6 +67,7 @@ def test_stop_after_a_stage_then_resume(cifar, tmp_path, capsys):
     args = ["--arch", "ResNet-20", "--data_path", str(cifar), "--train_path", str(run), *TINY]
     assert train_cifar.main(args + ["--stop_after", "train"]) == {}
     assert json.loads((run / "stages.json").read_text()) == ["train"]
+    assert "stage train done in" in (run / "log.txt").read_text()  # with its resident memory
     assert not (run / "results.json").exists()
     assert train_cifar.main(args + ["--resume"])["top1"] >= 0  # --stop_after may differ on resume
     assert json.loads((run / "stages.json").read_text()) == ["train", "test"]
@@ -81,6 +82,7 @@ def test_stop_after_a_stage_then_resume(cifar, tmp_path, capsys):
     (["--batch_size", "0"], "--batch_size must be positive"),
     (["--decay_points", "0.5", "0.2"], "--decay_points"),
     (["--compile", "maybe"], "--compile must be one of"),
+    (["--search_round_to", "0"], "--search_round_to must be positive"),
     (["--batch_size", "6", "--accum", "4"], "multiple of"),
     (["--arch", "ResNet-7"], "unknown --arch"),
     (["--method", "magic"], "unknown --method"),

@@ -23,6 +23,7 @@ from dataloader import SideData
 from op_utils.losses import kl_t, select_teachers
 from utils.atomic import atomic_open, atomic_write_json
 from utils.logs import Scalars
+from utils.memory import release_freed_memory, resident_mb
 
 WARM, STATE, BANK = "warmup_params.pkl", "search_state.json", "knowledge.npy"
 # Streamed training sets (ImageNet): the labels scanned once, and the bank as a raw float16 file
@@ -139,11 +140,13 @@ class EKG(PruningMethod):
             scalars.scalars({"search/acc": info["acc"], "search/loss": info["ce"],
                              "search/flops_rate": info["flops_rate"], "search/seconds": info["seconds"]}, state.step)
             scalars.flush()
-            log.info("search step %d: %s -> FLOPs %.4f, acc %.4f, CE %.4f, %d candidates, %.1f s", state.step,
-                     info["key"], info["flops_rate"], info["acc"], info["ce"], info["candidates"], info["seconds"])
+            rss = resident_mb()
+            log.info("search step %d: %s -> FLOPs %.4f, acc %.4f, CE %.4f, %d candidates, %.1f s, %s", state.step,
+                     info["key"], info["flops_rate"], info["acc"], info["ce"], info["candidates"], info["seconds"],
+                     "n/a" if rss is None else f"{rss:.0f} MB resident")
 
         search = GreedySearch(net, images, labels, cfg.search_target_rate, cfg.search_step, cfg.search_batch_size,
-                              on_step=on_step)
+                              on_step=on_step, round_to=cfg.search_round_to)
         return search, scalars
 
     def search(self):
@@ -159,8 +162,12 @@ class EKG(PruningMethod):
         seconds = time.perf_counter() - tic
         atomic_write_json(ctx.path(STATE), {**state.to_json(), "done": True})
         scalars.close()
-        self.save_slimmed(search.net, {"search_seconds": seconds, "search_steps": state.step,
-                                       "trace_count": search.trace_count})
+        net, traces = search.net, search.trace_count
+        # Slimming needs the masked net only: free the search's cached activations and traced
+        # functions first, or the BN re-estimation and evaluation below would add to them.
+        del search
+        release_freed_memory()
+        self.save_slimmed(net, {"search_seconds": seconds, "search_steps": state.step, "trace_count": traces})
 
     def memory_bank(self):
         ctx, cfg = self.ctx, self.cfg
