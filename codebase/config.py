@@ -53,6 +53,7 @@ class Config:
     baseline_epoch: int = 100  # training from scratch when no --trained_param is given
     search_target_rate: float = 0.45  # kept fraction of FLOPs (EKG convention)
     search_step: float = 0.2
+    search_round_to: int = 1  # 1: EKG's widths; N: widths are multiples of N (full blocks on CPU/GPU kernels)
     search_batch_size: int = 256
     search_train_per_class: int = 256  # warm-up subset: the first images of each class
     search_val_per_class: int = 32  # search-validation subset: the last images of each class
@@ -86,8 +87,8 @@ class Config:
             raise ConfigError(f"--search_target_rate must be in (0, 1), got {self.search_target_rate}")
         if not 0 < self.search_step <= 1:
             raise ConfigError(f"--search_step must be in (0, 1], got {self.search_step}")
-        for name in ("baseline_epoch", "search_batch_size", "search_train_per_class", "search_val_per_class",
-                     "num_teacher"):
+        for name in ("baseline_epoch", "search_batch_size", "search_round_to", "search_train_per_class",
+                     "search_val_per_class", "num_teacher"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)!r}")
         if self.temperature < 0:
@@ -163,6 +164,8 @@ _HELP = {
     "stop_after": "stop after this stage of the method (e.g. search); --resume continues the run later",
     "search_target_rate": "stop the search when FLOPs (EKG convention) reach this fraction of the original",
     "search_step": "EKG width step of a gate (divided by the number of times its group is used)",
+    "search_round_to": "keep every searched width a multiple of this (8 or 16: kernels run on full channel "
+                       "blocks, so FLOPs saved become time saved); 1 = EKG's widths",
     "knowledge": "fine-tune with memory-bank distillation (--no-knowledge: plain cross-entropy)",
     "temperature": "distillation temperature (0: 4, or 10 with >= 1000 classes)",
     "train_epoch": "training epochs (with --method resrep: fine-tuning after the conversion, 0 = none)",

@@ -15,6 +15,7 @@ from op_utils.losses import kl_t, select_teachers
 from op_utils.taps import score_tap
 from tests.dataloader.fakes import write_cifar10
 from tests.nets.helpers import randomise
+from utils.errors import ConfigError
 
 
 def test_score_tap_is_identity_with_taylor_gradient():
@@ -118,6 +119,23 @@ def test_search_reaches_target_without_retracing_and_resumes(tmp_path):
     resumed = tiny_search().run(SearchState.from_json(json.loads(steps[1])))
     assert resumed.rates == final.rates
     assert all(np.array_equal(resumed.orders[k], final.orders[k]) for k in final.orders)
+
+
+def test_round_to_keeps_every_width_a_multiple_and_stops_where_it_must():
+    search = tiny_search(target=0.5, round_to=8)
+    state = search.initial_state()
+    # A fresh 16-channel group steps to 8 whatever its coarse step; an 8-channel one cannot shrink.
+    stem = search.keys[0]
+    assert search.groups[stem].size == 16 and search.next_rate(state.rates, stem) == 0.5
+    assert search._lattice_step(stem, 0.5) is None
+    final = search.run(state)
+    widths = search.widths(final.rates)
+    assert search.flops_rate(final.rates) <= 0.5
+    assert all(w % 8 == 0 for w in widths.values()) and min(widths.values()) >= 8
+    assert any(w < search.groups[k].size for k, w in widths.items())
+    # 16 on 16/32/64-channel groups: the stage-1 groups cannot shrink, so 0.2 is out of reach.
+    with pytest.raises(ConfigError, match="cannot go below .* with --search_round_to 16"):
+        tiny_search(target=0.2, round_to=16).run()
 
 
 def test_candidates_evaluated_from_cached_segments_match_a_full_pass():
