@@ -343,7 +343,14 @@ class BatchNorm(Layer):
             self.moving_variance.assign_sub((self.moving_variance - var) * rate)
         else:
             mean, var = (self._gather(t, self.group, -1) for t in (self.moving_mean, self.moving_variance))
-            y = tf.nn.batch_normalization(x, mean, var, beta, gamma, self.epsilon)
+            if x.shape.rank == 4:
+                # The fused inference kernel: grappler folds Conv2D + FusedBatchNorm (+ ReLU)
+                # into one oneDNN convolution, which mul/add ops would prevent.
+                y = tf.raw_ops.FusedBatchNormV3(
+                    x=x, scale=tf.reshape(gamma, [-1]), offset=tf.reshape(beta, [-1]), mean=tf.reshape(mean, [-1]),
+                    variance=tf.reshape(var, [-1]), epsilon=self.epsilon, is_training=False)[0]
+            else:
+                y = tf.nn.batch_normalization(x, mean, var, beta, gamma, self.epsilon)
         return y if self.compactor is None else self.compactor(y)
 
     def _normalize(self, x, gamma, beta):

@@ -88,3 +88,26 @@ def test_forward_traced_once_across_widths(arch):
         net.options.set(renorm=seed % 2 == 0)
         forward(x)
     assert len(traces) == 1
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_inference_bn_after_a_traced_conv_is_the_affine_map_of_its_moving_statistics(masked):
+    # Inference BN uses the fused kernel so that grappler can fold it into the convolution;
+    # whatever it fuses, the output must stay (conv(x) - mean) / sqrt(var + eps) * gamma + beta.
+    from nets.groups import ChannelGroup, MaskOptions
+    from nets.layers import BatchNorm, Conv2d
+
+    options = MaskOptions() if masked else None
+    rgb, out = ChannelGroup("rgb", 3, prunable=False, masked=False), ChannelGroup("out", 6, masked=masked)
+    conv = Conv2d("conv", rgb, out, 3, (8, 8), options=options)
+    bn = BatchNorm("bn", out, (8, 8), options=options)
+    rng = np.random.default_rng(0)
+    for var, value in [(bn.gamma, rng.uniform(0.5, 1.5, 6)), (bn.beta, rng.normal(0, 0.1, 6)),
+                       (bn.moving_mean, rng.normal(0, 0.3, 6)), (bn.moving_variance, rng.uniform(0.5, 1.5, 6))]:
+        var.assign(np.reshape(value, var.shape).astype(np.float32))
+    x = tf.constant(rng.normal(size=(4, 8, 8, 3)), tf.float32)
+    got = tf.function(lambda x: tf.nn.relu(bn(conv(x), training=False)))(x).numpy()
+    z = tf.nn.conv2d(x, conv.kernel, 1, "SAME").numpy()
+    mean, var, gamma, beta = (v.numpy().reshape(-1) for v in (bn.moving_mean, bn.moving_variance, bn.gamma, bn.beta))
+    want = np.maximum((z - mean) / np.sqrt(var + bn.epsilon) * gamma + beta, 0)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
