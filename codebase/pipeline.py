@@ -20,7 +20,7 @@ from codebase.methods import get_method, method_names
 from utils.atomic import atomic_write_json
 from utils.errors import ConfigError
 from utils.logs import get_logger, setup_logging
-from utils.memory import release_freed_memory, resident_mb
+from utils.memory import describe_resident, release_freed_memory
 from utils.seed import set_seed
 
 log = get_logger(__name__)
@@ -75,9 +75,7 @@ def run(cfg: Config) -> dict:
             atomic_write_json(done_file, done)
             # The next stage starts from this one's live memory, not from its leftovers.
             release_freed_memory()
-            rss = resident_mb()
-            log.info("stage %s done in %.1f s; resident memory %s", stage.name, timings[stage.name],
-                     "n/a" if rss is None else f"{rss:.0f} MB")
+            log.info("stage %s done in %.1f s; %s", stage.name, timings[stage.name], describe_resident())
         if stage.name == cfg.stop_after:
             log.info("stopping after stage %s (--stop_after); --resume continues the run", stage.name)
             break

@@ -11,29 +11,28 @@ it keeps what it reserved, and the next stage reuses it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import gc
 import os
 
 
-def _libc():
-    name = ctypes.util.find_library("c")
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's `malloc_trim` from the symbols already loaded in this process (no library search
+    at import time), or None where there is none (macOS, musl)."""
     try:
-        libc = ctypes.CDLL(name) if name else None
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
     except OSError:
         return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
-
-
-_LIBC = _libc()
 
 
 def release_freed_memory() -> bool:
     """Collect garbage and return freed heap to the OS; True if glibc's `malloc_trim` ran."""
     gc.collect()
-    if _LIBC is None:  # not glibc (macOS, musl): nothing to trim
+    trim = _malloc_trim()
+    if trim is None:
         return False
-    _LIBC.malloc_trim(0)
+    trim(0)
     return True
 
 
@@ -47,3 +46,9 @@ def resident_mb() -> float | None:
     except OSError:
         return None
     return None
+
+
+def describe_resident() -> str:
+    """`resident_mb()` for a log line: "1234 MB resident", or "resident memory n/a"."""
+    rss = resident_mb()
+    return "resident memory n/a" if rss is None else f"{rss:.0f} MB resident"

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from utils.memory import release_freed_memory, resident_mb
+from utils.memory import describe_resident, release_freed_memory, resident_mb
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, trims glibc's heap")
 
@@ -29,3 +29,9 @@ def test_resident_mb_sees_a_large_allocation():
     block = bytearray(256 * 2 ** 20)
     assert resident_mb() - before > 200
     del block
+
+
+@linux_only
+def test_describe_resident_names_megabytes():
+    text = describe_resident()
+    assert text.endswith(" MB resident") and float(text.split()[0]) > 0

@@ -23,7 +23,7 @@ from dataloader import SideData
 from op_utils.losses import kl_t, select_teachers
 from utils.atomic import atomic_open, atomic_write_json
 from utils.logs import Scalars
-from utils.memory import release_freed_memory, resident_mb
+from utils.memory import describe_resident, release_freed_memory
 
 WARM, STATE, BANK = "warmup_params.pkl", "search_state.json", "knowledge.npy"
 # Streamed training sets (ImageNet): the labels scanned once, and the bank as a raw float16 file
@@ -140,10 +140,9 @@ class EKG(PruningMethod):
             scalars.scalars({"search/acc": info["acc"], "search/loss": info["ce"],
                              "search/flops_rate": info["flops_rate"], "search/seconds": info["seconds"]}, state.step)
             scalars.flush()
-            rss = resident_mb()
             log.info("search step %d: %s -> FLOPs %.4f, acc %.4f, CE %.4f, %d candidates, %.1f s, %s", state.step,
                      info["key"], info["flops_rate"], info["acc"], info["ce"], info["candidates"], info["seconds"],
-                     "n/a" if rss is None else f"{rss:.0f} MB resident")
+                     describe_resident())
 
         search = GreedySearch(net, images, labels, cfg.search_target_rate, cfg.search_step, cfg.search_batch_size,
                               on_step=on_step, round_to=cfg.search_round_to)

@@ -390,9 +390,9 @@ class GreedySearch:
             # cache built by score() stay valid; each candidate sets its own masks below.
             candidates = self.candidates(scores, state.rates)
             if not candidates:
+                granularity = f" with --search_round_to {self.round_to}" if self.round_to > 1 else ""
                 raise ConfigError(f"the search cannot go below {self.flops_rate(state.rates):.4f} of the FLOPs "
-                                 f"(target {self.target_rate}): every group is at its smallest width"
-                                  + (f" with --search_round_to {self.round_to}" if self.round_to > 1 else ""))
+                                  f"(target {self.target_rate}): every group is at its smallest width{granularity}")
             for key in candidates:
                 rates = dict(state.rates)
                 rates[key] = self.next_rate(state.rates, key)
