@@ -115,7 +115,8 @@ def one_run(method: str, seed: int, args, out: str) -> dict:
     log = os.path.join(out, f"{method}_seed{seed}.stdout")
     common = ["--arch", "ResNet-56", "--dataset", "cifar10", "--data_path", args.data_path, "--train_path", run,
               "--seed", str(seed), "--do_log", "10", "--search_target_rate", str(args.target),
-              "--train_epoch", str(args.finetune_epochs), "--search_round_to", str(args.round_to), *FINETUNE]
+              "--train_epoch", str(args.finetune_epochs), "--search_round_to", str(args.round_to),
+              "--search_cache_mb", str(args.cache_mb), *(["--recompute"] if args.recompute else []), *FINETUNE]
     entry = {"method": method, "seed": seed, "run": run}
     if method == "ekg":
         search = run_child(["train_cifar.py", "--method", "ekg", "--trained_param", args.trained_param, *common,
@@ -211,6 +212,8 @@ def main(argv=None):
     parser.add_argument("--target", type=float, default=0.45)
     parser.add_argument("--round_to", type=int, default=1,
                         help="EKG: --search_round_to (1 = the paper's widths; 8 = multiples of 8)")
+    parser.add_argument("--recompute", action="store_true", help="train with --recompute (less memory)")
+    parser.add_argument("--cache_mb", type=int, default=1024, help="EKG: --search_cache_mb")
     parser.add_argument("--resrep_epochs", type=int, default=4, help="ResRep: epochs with compactors")
     parser.add_argument("--resrep_lambda", type=float, default=3e-3, help="ResRep: lasso strength")
     parser.add_argument("--long_finetune_epochs", type=int, default=20,

@@ -46,7 +46,7 @@ def warmup(args) -> None:
 
     run = tempfile.mkdtemp(prefix="search_memory_")
     try:
-        train_cifar.main(["--method", "ekg", "--arch", "ResNet-56", "--dataset", "cifar10", "--data_path",
+        train_cifar.main(["--method", "ekg", *(["--recompute"] if args.recompute else []), "--arch", "ResNet-56", "--dataset", "cifar10", "--data_path",
                           args.data_path, "--trained_param", args.trained_param, "--train_path", run,
                           "--seed", "1", "--stop_after", "warmup"])
     finally:
@@ -79,7 +79,8 @@ def search(args) -> None:
         if len(steps) >= args.steps:
             raise StopIteration
 
-    s = GreedySearch(net, images, labels[val].astype(np.int32), on_step=on_step)
+    s = GreedySearch(net, images, labels[val].astype(np.int32), on_step=on_step, cache_mb=args.cache_mb)
+    print(f"segment inputs cached: {len(s.cached)} of {len(s.segments)}")
     state = s.initial_state()
     report("segment functions traced and run on the 320 images")
     s.apply(state.rates, state.orders)
@@ -130,6 +131,8 @@ def main(argv=None):
     parser.add_argument("--trained_param",
                         default=os.path.join(_ROOT, "..", "shared", "data", "pretrained", "res56_cifar10.pkl"))
     parser.add_argument("--steps", type=int, default=8, help="search: steps to report")
+    parser.add_argument("--recompute", action="store_true", help="warmup: train with --recompute")
+    parser.add_argument("--cache_mb", type=int, default=1024, help="search: memory for cached segment inputs")
     parser.add_argument("--functions", choices=("separate", "whole", "cond"), default="separate")
     args = parser.parse_args(argv)
     for path in (args.trained_param,) + ((args.data_path,) if args.part != "functions" else ()):

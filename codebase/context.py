@@ -122,9 +122,11 @@ class RunContext:
 
     def trainer(self, net, epochs: int, loss_fn=softmax_cross_entropy, grad_transform=None,
                 learning_rate: float | None = None, steps_per_epoch: int | None = None,
-                constant_lr: bool = False, optimizer_overrides=None) -> Trainer:
+                constant_lr: bool = False, optimizer_overrides=None, recompute: bool | None = None) -> Trainer:
+        """A trainer for `net`; `recompute` (default: `--recompute`) is passed to `net.set_recompute`."""
         with self.strategy.scope():
             optimizer = self.make_optimizer(epochs, learning_rate, steps_per_epoch, constant_lr, optimizer_overrides)
+        net.set_recompute(self.cfg.recompute if recompute is None else recompute)
         return Trainer(self.strategy, net, optimizer, global_batch_size=self.cfg.batch_size,
                        accum=self.cfg.accum, loss_fn=loss_fn, grad_transform=grad_transform, xla=self.xla)
 
@@ -140,14 +142,15 @@ class RunContext:
     def train(self, net, epochs: int, stage: str, loss_fn=softmax_cross_entropy, grad_transform=None,
               train_data_fn=None, on_epoch_end=None, learning_rate: float | None = None,
               steps_per_epoch: int | None = None, constant_lr: bool = False, optimizer_overrides=None,
-              on_step_end=None) -> dict:
+              on_step_end=None, recompute: bool | None = None) -> dict:
         """Train `net` for `epochs` epochs; checkpoints and logs go to `<train_path>/<stage>`.
 
-        `optimizer_overrides` and `on_step_end` are passed to the optimizer and to `loop.fit`.
+        `optimizer_overrides` and `on_step_end` are passed to the optimizer and to `loop.fit`,
+        `recompute` to `trainer`.
         """
         steps_per_epoch = steps_per_epoch or self.steps_per_epoch()
         trainer = self.trainer(net, epochs, loss_fn, grad_transform, learning_rate, steps_per_epoch, constant_lr,
-                               optimizer_overrides)
+                               optimizer_overrides, recompute)
         return loop.fit(trainer, train_data_fn or self.train_data_fn(), epochs=epochs,
                         steps_per_epoch=steps_per_epoch, train_path=self.path(stage),
                         eval_data=self.data.test(self.cfg.val_batch_size), resume=self.cfg.resume,

@@ -26,7 +26,9 @@ from utils.seed import set_seed
 log = get_logger(__name__)
 
 
-_RUN_CONTROL = ("resume", "stop_after")  # flags that may differ between the runs of one folder
+# Flags that may differ between the runs of one folder: run control, and memory knobs that do
+# not change any result.
+_RUN_CONTROL = ("resume", "stop_after", "recompute", "search_cache_mb")
 
 
 def _check_run_folder(cfg: Config) -> None:

@@ -24,7 +24,8 @@ import tensorflow as tf
 from nets import complexity
 from nets.compactor import Compactor
 from nets.groups import ChannelGroup, MaskOptions
-from nets.layers import FC, BatchNorm, Conv2d, DepthwiseConv2d, Layer
+from nets.layers import FC, BatchNorm, Conv2d, DepthwiseConv2d, Layer, replaying
+from op_utils.recompute import recompute
 from utils.errors import ConfigError
 from utils.params_io import check_params
 
@@ -53,6 +54,7 @@ class Net(tf.Module):
         self.layers: dict[str, Layer] = {}
         self._requested_widths = dict(widths or {})
         self.full_sizes: dict[str, int] = {}  # every group's declared size, before a width spec shrinks it
+        self._recompute = False
 
     # === Declaring the structure (used by subclasses in __init__) ===
     def group(self, key: str, size: int, prunable: bool = True) -> ChannelGroup:
@@ -108,8 +110,21 @@ class Net(tf.Module):
         `tap`, if given, is called as `x = tap(group, x)` at every point where a channel group's
         activations are final (after BN+ReLU, after a residual add); scoring methods use it to
         measure channel importance. It must return a tensor of the same value.
+
+        With `set_recompute(True)`, a training call runs segment by segment under
+        `op_utils.recompute`: same values and gradients, activation memory of one segment.
         """
-        return self.forward(x, training, tap)
+        segments = self.segments() if training and self._recompute else []
+        if len(segments) < 2:  # one segment: recomputing it all would keep all of it anyway
+            return self.forward(x, training, tap)
+        for segment in segments:
+            x = recompute(lambda y, fn=segment.fn: fn(y, True, tap), x, replaying)
+        return x
+
+    def set_recompute(self, on: bool) -> None:
+        """Trade compute for memory in training calls (see `__call__`). A trace-time switch:
+        set it before the training step is traced."""
+        self._recompute = bool(on)
 
     @staticmethod
     def tapped(tap, group, x):

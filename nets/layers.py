@@ -13,6 +13,7 @@ Parameter names follow the EKG reference pickles: `<scope>/kernel:0`, `<scope>/b
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -22,6 +23,22 @@ from nets import complexity
 from nets.groups import ChannelGroup, MaskOptions
 
 _EPS = 1e-12
+_replaying = [False]  # set only while a recomputed forward pass is traced (see `replaying`)
+
+
+@contextlib.contextmanager
+def replaying():
+    """While active, layers skip the side effects of a training forward pass.
+
+    `op_utils.recompute` runs a link of the net a second time to rebuild its activations for
+    the backward pass; BatchNorm must not update its moving statistics twice. A trace-time
+    switch, like `MaskOptions.compact`: it changes which ops are built, not their values.
+    """
+    previous, _replaying[0] = _replaying[0], True
+    try:
+        yield
+    finally:
+        _replaying[0] = previous
 
 
 def _out_size(size: int, kernel: int, stride: int, padding: str) -> int:
@@ -331,6 +348,8 @@ class BatchNorm(Layer):
         gamma, beta = self._gather(gamma, self.group, -1), self._gather(beta, self.group, -1)
         if training:
             y, mean, var = self._normalize(x, gamma, beta)
+            if _replaying[0]:
+                return y if self.compactor is None else self.compactor(y)
             if self._compact(self.group):  # back to full size; the mask keeps the others unchanged
                 index = self.group.kept_index()[:, None]
                 mean, var = (tf.reshape(tf.scatter_nd(index, tf.reshape(t, [-1]), [self.group.size]),

@@ -26,7 +26,7 @@ def cifar(tmp_path_factory):
 def test_train_cifar_then_test_json(cifar, tmp_path, capsys):
     run = tmp_path / "run"
     results = train_cifar.main(["--arch", "ResNet-20", "--data_path", str(cifar), "--train_path", str(run),
-                                "--num_replicas", "2", "--accum", "2", *TINY])
+                                "--num_replicas", "2", "--accum", "2", "--recompute", *TINY])
     assert results["count"] == 12 if "count" in results else True
     assert set(json.loads((run / "config.json").read_text())) >= {"arch", "accum", "num_replicas"}
     assert json.loads((run / "stages.json").read_text()) == ["train", "test"]
@@ -70,7 +70,8 @@ def test_stop_after_a_stage_then_resume(cifar, tmp_path, capsys):
     assert json.loads((run / "stages.json").read_text()) == ["train"]
     assert re.search(r"stage train done in [0-9.]+ s; [0-9]+ MB resident", (run / "log.txt").read_text())
     assert not (run / "results.json").exists()
-    assert train_cifar.main(args + ["--resume"])["top1"] >= 0  # --stop_after may differ on resume
+    # Run control and memory knobs may differ on resume.
+    assert train_cifar.main(args + ["--resume", "--recompute", "--search_cache_mb", "64"])["top1"] >= 0
     assert json.loads((run / "stages.json").read_text()) == ["train", "test"]
     assert set(json.loads((run / "timings.json").read_text())) == {"train", "test"}
     with pytest.raises(SystemExit):
@@ -84,6 +85,7 @@ def test_stop_after_a_stage_then_resume(cifar, tmp_path, capsys):
     (["--decay_points", "0.5", "0.2"], "--decay_points"),
     (["--compile", "maybe"], "--compile must be one of"),
     (["--search_round_to", "0"], "--search_round_to must be positive"),
+    (["--search_cache_mb", "0"], "--search_cache_mb must be positive"),
     (["--batch_size", "6", "--accum", "4"], "multiple of"),
     (["--arch", "ResNet-7"], "unknown --arch"),
     (["--method", "magic"], "unknown --method"),

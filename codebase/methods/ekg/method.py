@@ -125,8 +125,11 @@ class EKG(PruningMethod):
                 return ds.map(lambda x, y, i: (x, y)).unbatch().batch(
                     ictx.get_per_replica_batch_size(cfg.batch_size), drop_remainder=True)
 
+        # Recomputed activations: the allocator keeps its peak pool for the rest of the process
+        # (TensorFlow's BFC allocators, oneDNN's on CPU), so the warm-up's training activations
+        # would set the search's memory. Same updates, for about a third more of one short epoch.
         ctx.train(net, 1, stage="warmup", train_data_fn=data_fn, learning_rate=1e-3, steps_per_epoch=steps,
-                  constant_lr=True)
+                  constant_lr=True, recompute=True)
         save_net(net, ctx.path(WARM))
 
     def _search(self):
@@ -145,7 +148,7 @@ class EKG(PruningMethod):
                      describe_resident())
 
         search = GreedySearch(net, images, labels, cfg.search_target_rate, cfg.search_step, cfg.search_batch_size,
-                              on_step=on_step, round_to=cfg.search_round_to)
+                              on_step=on_step, cache_mb=cfg.search_cache_mb, round_to=cfg.search_round_to)
         return search, scalars
 
     def search(self):

@@ -116,7 +116,7 @@ class GreedySearch:
     """
 
     def __init__(self, net, images, labels, target_rate=0.45, search_step=0.2, batch_size=256, on_step=None,
-                 cache_mb=1024, round_to=1):
+                 cache_mb=256, round_to=1):
         self.net, self.target_rate, self.search_step, self.on_step = net, target_rate, search_step, on_step
         if int(round_to) != round_to or round_to < 1:
             raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
