@@ -116,7 +116,8 @@ def one_run(method: str, seed: int, args, out: str) -> dict:
     common = ["--arch", "ResNet-56", "--dataset", "cifar10", "--data_path", args.data_path, "--train_path", run,
               "--seed", str(seed), "--do_log", "10", "--search_target_rate", str(args.target),
               "--train_epoch", str(args.finetune_epochs), "--search_round_to", str(args.round_to),
-              "--search_cache_mb", str(args.cache_mb), *(["--recompute"] if args.recompute else []), *FINETUNE]
+              *(["--search_cache_mb", str(args.cache_mb)] if args.cache_mb else []),
+              *(["--recompute"] if args.recompute else []), *FINETUNE]
     entry = {"method": method, "seed": seed, "run": run}
     if method == "ekg":
         search = run_child(["train_cifar.py", "--method", "ekg", "--trained_param", args.trained_param, *common,
@@ -213,7 +214,7 @@ def main(argv=None):
     parser.add_argument("--round_to", type=int, default=1,
                         help="EKG: --search_round_to (1 = the paper's widths; 8 = multiples of 8)")
     parser.add_argument("--recompute", action="store_true", help="train with --recompute (less memory)")
-    parser.add_argument("--cache_mb", type=int, default=1024, help="EKG: --search_cache_mb")
+    parser.add_argument("--cache_mb", type=int, default=None, help="EKG: --search_cache_mb (default: the toolkit's)")
     parser.add_argument("--resrep_epochs", type=int, default=4, help="ResRep: epochs with compactors")
     parser.add_argument("--resrep_lambda", type=float, default=3e-3, help="ResRep: lasso strength")
     parser.add_argument("--long_finetune_epochs", type=int, default=20,

@@ -132,7 +132,7 @@ def main(argv=None):
                         default=os.path.join(_ROOT, "..", "shared", "data", "pretrained", "res56_cifar10.pkl"))
     parser.add_argument("--steps", type=int, default=8, help="search: steps to report")
     parser.add_argument("--recompute", action="store_true", help="warmup: train with --recompute")
-    parser.add_argument("--cache_mb", type=int, default=1024, help="search: memory for cached segment inputs")
+    parser.add_argument("--cache_mb", type=int, default=256, help="search: memory for cached segment inputs")
     parser.add_argument("--functions", choices=("separate", "whole", "cond"), default="separate")
     args = parser.parse_args(argv)
     for path in (args.trained_param,) + ((args.data_path,) if args.part != "functions" else ()):
