@@ -258,7 +258,7 @@ class Controller:
                     ) from None
                 out = trainer.train_step(dist_batch)
                 global_step = int(trainer.global_step.numpy())
-                self._check_finite(float(out["loss"]), global_step, epoch)
+                self._check_finite(float(out["loss"]), float(out["grad_norm"]), global_step, epoch)
                 trainer.step_in_epoch.assign(step_in_epoch + 1)
                 hooked = self.on_step_end(global_step) if self.on_step_end is not None else None
                 extras = {key: float(value) for key, value in out.items()
@@ -284,13 +284,14 @@ class Controller:
         logs.update({key: total / steps_run for key, total in extra_sums.items()})
         return logs
 
-    def _check_finite(self, loss: float, global_step: int, epoch: int) -> None:
-        if math.isfinite(loss):
+    def _check_finite(self, loss: float, grad_norm: float, global_step: int, epoch: int) -> None:
+        if math.isfinite(loss) and math.isfinite(grad_norm):
             return
         # Raised before any checkpoint of this step, so the last one stays valid.
         where = self.ckpt.latest or f"{self.ckpt.directory} (none written yet)"
+        what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", grad_norm)
         raise TrainingError(
-            f"loss is {'NaN' if math.isnan(loss) else 'inf'} at step {global_step} "
+            f"{what} is {'NaN' if math.isnan(value) else 'inf'} at step {global_step} "
             f"(epoch {epoch + 1}); last checkpoint kept at {where}"
         )
 

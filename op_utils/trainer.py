@@ -217,7 +217,8 @@ class Trainer:
                 ``distribute_datasets_from_function`` of per-replica batches).
 
         Returns:
-            Scalar tensors of this step: ``loss`` (mean over the global batch), ``top1``
+            Scalar tensors of this step: ``loss`` (mean over the global batch), ``top1``,
+            ``grad_norm`` (global norm of the summed gradients, before ``grad_transform``)
             and the loss function's extras. Not checked for NaN here; the loop does that.
         """
         return self._train_fn(dist_batch)
@@ -227,12 +228,12 @@ class Trainer:
         # Every replica returns the same all-reduced sums; take the local first copy.
         out = tf.nest.map_structure(
             lambda v: self.strategy.experimental_local_results(v)[0], out)
-        sums, extras = out
+        sums, extras, grad_norm = out
         self.global_step.assign_add(1)
         self.loss_sum.assign_add(tf.cast(sums[0], tf.float64))
         self.correct_sum.assign_add(tf.cast(sums[1], tf.float64))
         self.example_count.assign_add(tf.cast(sums[2], tf.float64))
-        logs = {"loss": sums[0] / sums[2], "top1": sums[1] / sums[2]}
+        logs = {"loss": sums[0] / sums[2], "top1": sums[1] / sums[2], "grad_norm": grad_norm}
         for key, value in extras.items():
             if self._extra_kinds[key] == "example":
                 logs[key] = value / sums[2]
@@ -245,6 +246,9 @@ class Trainer:
         context = tf.distribute.get_replica_context()
         # One batched all-reduce for gradients and metric sums, outside the XLA cluster.
         grads, sums, extras = context.all_reduce(_SUM, (grads, sums, extras))
+        # Logged, and checked by the loop: a NaN or inf weight does not always reach the loss
+        # (oneDNN's fused ReLU turns NaN into 0 on some CPUs), but it reaches the gradients.
+        grad_norm = tf.linalg.global_norm(grads)
         if self.grad_transform is not None:
             grads = list(self.grad_transform(list(grads), self.variables))
             if len(grads) != len(self.variables):
@@ -253,7 +257,7 @@ class Trainer:
                     f"{len(self.variables)} variables"
                 )
         self.optimizer.apply(zip(grads, self.variables, strict=True))
-        return sums, extras
+        return sums, extras, grad_norm
 
     def _grads(self, batch):
         """Loss, gradients and metric sums of one replica's batch (compiled with XLA)."""

@@ -35,6 +35,20 @@ def nan_carrying_loss(model, batch, training):
     return loss + 0.0 * tf.reduce_sum(x, axis=-1), logits, {}
 
 
+def nan_gradient_loss(model, batch, training):
+    """Cross-entropy that stays finite on a poisoned batch while its gradients are NaN: what a NaN
+    weight behind a NaN-swallowing fused ReLU looks like to the loop."""
+    x, y = batch
+    poisoned = tf.reduce_any(tf.math.is_nan(x))
+
+    @tf.custom_gradient
+    def poison_gradient(logits):
+        return tf.identity(logits), lambda dy: dy * tf.where(poisoned, float("nan"), 1.0)
+
+    logits = poison_gradient(model(tf.where(tf.math.is_nan(x), 0.0, x), training=training))
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits), logits, {}
+
+
 def data_fn(steps_per_epoch=3, **kwargs):
     x, y = toy_data(BATCH * steps_per_epoch)
     return make_train_data_fn(x, y, BATCH, **kwargs)
@@ -115,6 +129,14 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path):
     fresh.checkpoint.restore(tf.train.latest_checkpoint(ckpt_dir)).assert_existing_objects_matched()
     assert int(fresh.global_step.numpy()) == 4
     assert all(np.isfinite(v.numpy()).all() for v in fresh.model.trainable_variables)
+
+
+def test_nan_gradients_behind_a_finite_loss_stop_the_run_too(tmp_path):
+    trainer = make_trainer(loss_fn=nan_gradient_loss)
+    with pytest.raises(TrainingError, match=r"^gradient norm is NaN at step 5 \(epoch 2\); last checkpoint kept at "):
+        fit(trainer, data_fn(poison=(1, 1)), epochs=2, steps_per_epoch=3, train_path=str(tmp_path),
+            ckpt_every_steps=1)
+    assert checkpoints(str(tmp_path)) == ["ckpt-3", "ckpt-4"]
 
 
 def test_resume_without_a_checkpoint_starts_fresh(tmp_path, caplog):
