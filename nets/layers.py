@@ -64,6 +64,24 @@ def he_fan_out(shape) -> np.ndarray:
     return tf.random.truncated_normal(shape, stddev=std).numpy()
 
 
+def _fold(kernel, biases, affine, scale_shape):
+    """`kernel` and a 1-D bias with `y -> y * scale + shift` folded in (`scale_shape` puts the
+    output channels of the kernel on the right axis)."""
+    scale, shift = affine
+    biases = shift if biases is None else tf.reshape(biases, [-1]) * scale + shift
+    return kernel * tf.reshape(scale, scale_shape), biases
+
+
+def conv_bn(conv, bn, x, training):
+    """`bn(conv(x), training)`. At inference the BatchNorm is folded into the convolution's
+    kernel and bias (the same affine map, on parameter-sized tensors), so that the graph is
+    conv + bias-add, which TensorFlow's graph optimiser fuses with a following residual add and
+    ReLU into one oneDNN (or cuDNN) kernel; a separate BatchNorm op would stop that fusion."""
+    if training or bn.compactor is not None or len(x.shape) != 4:
+        return bn(conv(x), training)
+    return conv(x, affine=bn.inference_affine())
+
+
 class Layer(tf.Module):
     """Base of the masked layers: a scope key, named variables and slicing."""
 
@@ -154,7 +172,9 @@ class Conv2d(Layer):
     def groups(self):
         return (self.in_group, self.out_group)
 
-    def __call__(self, x):
+    def __call__(self, x, affine=None):
+        """The convolution; `affine = (scale, shift)` folds a per-output-channel affine map
+        (an inference BatchNorm, see `conv_bn`) into the kernel and bias."""
         kernel, biases = self.kernel, self.biases
         if self._masked:
             mask = 1.0
@@ -167,6 +187,9 @@ class Conv2d(Layer):
             kernel = self._masked_kernel(kernel, mask)
             kernel = self._gather(self._gather(kernel, self.in_group, 2), self.out_group, 3)
             biases = None if biases is None else self._gather(biases, self.out_group, 3)
+        if affine is not None:
+            kernel, biases = _fold(kernel, biases, affine, [1, 1, 1, -1])
+            return tf.nn.bias_add(tf.nn.conv2d(x, kernel, self.strides, self.padding), biases)
         y = tf.nn.conv2d(x, kernel, self.strides, self.padding)
         return y if biases is None else y + biases
 
@@ -213,12 +236,17 @@ class DepthwiseConv2d(Layer):
     def groups(self):
         return (self.group,)
 
-    def __call__(self, x):
+    def __call__(self, x, affine=None):
+        """The convolution; `affine` as in `Conv2d.__call__`."""
         kernel, biases = self.kernel, self.biases
         if self.group.masked:
             mask = tf.reshape(self.group.mask, [1, 1, -1, 1])
             kernel = self._gather(self._masked_kernel(kernel, mask), self.group, 2)
             biases = None if biases is None else self._gather(biases * tf.reshape(mask, [1, 1, 1, -1]), self.group, 3)
+        if affine is not None:
+            kernel, biases = _fold(kernel, biases, affine, [1, 1, -1, 1])
+            return tf.nn.bias_add(tf.nn.depthwise_conv2d(x, kernel, [1, self.strides, self.strides, 1], self.padding),
+                                  biases)
         y = tf.nn.depthwise_conv2d(x, kernel, [1, self.strides, self.strides, 1], self.padding)
         return y if biases is None else y + biases
 
@@ -371,6 +399,17 @@ class BatchNorm(Layer):
             else:
                 y = tf.nn.batch_normalization(x, mean, var, beta, gamma, self.epsilon)
         return y if self.compactor is None else self.compactor(y)
+
+    def inference_affine(self):
+        """`(scale, shift)`, 1-D over the current channels: the inference map `x * scale + shift`."""
+        gamma, beta = self.gamma, self.beta
+        if self.group.masked:
+            mask = tf.reshape(self.group.mask, gamma.shape)
+            gamma, beta = gamma * mask, beta * mask
+        gamma, beta, mean, var = (tf.reshape(self._gather(t, self.group, -1), [-1])
+                                  for t in (gamma, beta, self.moving_mean, self.moving_variance))
+        scale = gamma * tf.math.rsqrt(var + self.epsilon)
+        return scale, beta - mean * scale
 
     def _normalize(self, x, gamma, beta):
         """Batch-statistics normalisation: `(y, batch mean, biased batch variance)`, stats shaped like gamma.

@@ -21,6 +21,7 @@ import functools
 import tensorflow as tf
 
 from nets.base import Net, Segment
+from nets.layers import conv_bn
 from nets.registry import register
 
 _CIFAR = {"depths": (16, 32, 64), "strides": (1, 2, 2)}
@@ -94,23 +95,23 @@ class ResNet(Net):
         self._check_widths_used()
 
     def _stem(self, x, training, tap=None):
-        x = tf.nn.relu(self.stem_bn(self.stem(x), training))
+        x = tf.nn.relu(conv_bn(self.stem, self.stem_bn, x, training))
         if self.imagenet_stem:
             x = tf.nn.max_pool2d(x, 3, 2, "SAME")
         return self.tapped(tap, self.stem.out_group, x)
 
     def _block(self, block, x, training, tap=None):
         if "conv3" in block:
-            shortcut = block["bn3"](block["conv3"](x), training)
+            shortcut = conv_bn(block["conv3"], block["bn3"], x, training)
         else:
             shortcut = x
         y = x
         if "conv0" in block:
-            y = tf.nn.relu(block["bn0"](block["conv0"](y), training))
+            y = tf.nn.relu(conv_bn(block["conv0"], block["bn0"], y, training))
             y = self.tapped(tap, block["conv0"].out_group, y)
-        y = tf.nn.relu(block["bn1"](block["conv1"](y), training))
+        y = tf.nn.relu(conv_bn(block["conv1"], block["bn1"], y, training))
         y = self.tapped(tap, block["conv1"].out_group, y)
-        y = block["bn2"](block["conv2"](y), training)
+        y = conv_bn(block["conv2"], block["bn2"], y, training)
         return self.tapped(tap, block["conv2"].out_group, tf.nn.relu(y + shortcut))
 
     def _head(self, x, training, tap=None):

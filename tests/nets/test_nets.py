@@ -90,24 +90,62 @@ def test_forward_traced_once_across_widths(arch):
     assert len(traces) == 1
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_inference_bn_after_a_traced_conv_is_the_affine_map_of_its_moving_statistics(masked):
-    # Inference BN uses the fused kernel so that grappler can fold it into the convolution;
-    # whatever it fuses, the output must stay (conv(x) - mean) / sqrt(var + eps) * gamma + beta.
+def _bn_with_random_statistics(bn, rng):
+    size = bn.group.size
+    for var, value in [(bn.gamma, rng.uniform(0.5, 1.5, size)), (bn.beta, rng.normal(0, 0.1, size)),
+                       (bn.moving_mean, rng.normal(0, 0.3, size)), (bn.moving_variance, rng.uniform(0.5, 1.5, size))]:
+        var.assign(np.reshape(value, var.shape).astype(np.float32))
+    return [v.numpy().reshape(-1) for v in (bn.moving_mean, bn.moving_variance, bn.gamma, bn.beta)]
+
+
+@pytest.mark.parametrize("masked, path", [(False, "bn"), (False, "folded"), (True, "bn"), (True, "folded"),
+                                          (True, "folded_compact")])
+def test_inference_bn_after_a_traced_conv_is_the_affine_map_of_its_moving_statistics(masked, path):
+    # Inference BN is either the fused kernel, which grappler folds into the convolution, or
+    # folded by `conv_bn` into the kernel and bias (so that a residual add and ReLU fuse too);
+    # either way the output must stay (conv(x) - mean) / sqrt(var + eps) * gamma + beta.
     from nets.groups import ChannelGroup, MaskOptions
-    from nets.layers import BatchNorm, Conv2d
+    from nets.layers import BatchNorm, Conv2d, conv_bn
 
     options = MaskOptions() if masked else None
     rgb, out = ChannelGroup("rgb", 3, prunable=False, masked=False), ChannelGroup("out", 6, masked=masked)
     conv = Conv2d("conv", rgb, out, 3, (8, 8), options=options)
     bn = BatchNorm("bn", out, (8, 8), options=options)
     rng = np.random.default_rng(0)
-    for var, value in [(bn.gamma, rng.uniform(0.5, 1.5, 6)), (bn.beta, rng.normal(0, 0.1, 6)),
-                       (bn.moving_mean, rng.normal(0, 0.3, 6)), (bn.moving_variance, rng.uniform(0.5, 1.5, 6))]:
-        var.assign(np.reshape(value, var.shape).astype(np.float32))
+    mean, var, gamma, beta = _bn_with_random_statistics(bn, rng)
+    kept = np.array([0, 2, 3, 5]) if masked else np.arange(6)
+    if masked:
+        out.keep(kept)
+        options.set(compact=path == "folded_compact")
     x = tf.constant(rng.normal(size=(4, 8, 8, 3)), tf.float32)
-    got = tf.function(lambda x: tf.nn.relu(bn(conv(x), training=False)))(x).numpy()
+    shortcut = tf.constant(rng.normal(size=(4, 8, 8, len(kept) if path == "folded_compact" else 6)), tf.float32)
+    if path == "bn":
+        forward = lambda x: tf.nn.relu(bn(conv(x), training=False) + shortcut)  # noqa: E731
+    else:
+        forward = lambda x: tf.nn.relu(conv_bn(conv, bn, x, training=False) + shortcut)  # noqa: E731
+    got = tf.function(forward)(x).numpy()
     z = tf.nn.conv2d(x, conv.kernel, 1, "SAME").numpy()
-    mean, var, gamma, beta = (v.numpy().reshape(-1) for v in (bn.moving_mean, bn.moving_variance, bn.gamma, bn.beta))
-    want = np.maximum((z - mean) / np.sqrt(var + bn.epsilon) * gamma + beta, 0)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    affine = (z - mean) / np.sqrt(var + bn.epsilon) * gamma + beta
+    dropped = np.setdiff1d(np.arange(6), kept)
+    affine[..., dropped] = 0.0  # masked channels: zero kernel column, gamma and beta
+    if path == "folded_compact":
+        affine = affine[..., kept]
+    np.testing.assert_allclose(got, np.maximum(affine + shortcut.numpy(), 0), rtol=1e-4, atol=1e-5)
+
+
+def test_folded_depthwise_bn_equals_bn_after_the_depthwise_conv():
+    from nets.groups import ChannelGroup, MaskOptions
+    from nets.layers import BatchNorm, DepthwiseConv2d, conv_bn
+
+    group = ChannelGroup("g", 5, masked=True)
+    options = MaskOptions()
+    dw = DepthwiseConv2d("dw", group, 3, (6, 6), strides=2, options=options)
+    bn = BatchNorm("bn", group, dw.out_hw, options=options)
+    rng = np.random.default_rng(1)
+    _bn_with_random_statistics(bn, rng)
+    group.keep([1, 2, 4])
+    x = tf.constant(rng.normal(size=(2, 6, 6, 5)), tf.float32)
+    np.testing.assert_allclose(conv_bn(dw, bn, x, training=False).numpy(), bn(dw(x), training=False).numpy(),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(conv_bn(dw, bn, x, training=True).numpy(), bn(dw(x), training=True).numpy(),
+                               rtol=1e-5, atol=1e-5)
