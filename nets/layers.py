@@ -74,9 +74,12 @@ def _fold(kernel, biases, affine, scale_shape):
 
 def conv_bn(conv, bn, x, training):
     """`bn(conv(x), training)`. At inference the BatchNorm is folded into the convolution's
-    kernel and bias (the same affine map, on parameter-sized tensors), so that the graph is
-    conv + bias-add, which TensorFlow's graph optimiser fuses with a following residual add and
-    ReLU into one oneDNN (or cuDNN) kernel; a separate BatchNorm op would stop that fusion."""
+    kernel and bias (the same affine map), so that the graph is conv + bias-add, which
+    TensorFlow's graph optimiser fuses with what follows: a residual add and ReLU, ReLU6, and
+    after depthwise convs too. It already fuses conv + FusedBatchNorm + ReLU by itself, and the
+    fold costs a kernel-sized multiply per call, so nets use this only where the fusion needs
+    it (measured on CPU: ResNet-56 batch 128 -5-8%, MobileNetV2 -20%; VGG-16, which has no such
+    place, would only lose: batch 1 6.4-7.1 -> 8.6-8.9 ms)."""
     if training or bn.compactor is not None or len(x.shape) != 4:
         return bn(conv(x), training)
     return conv(x, affine=bn.inference_affine())

@@ -31,6 +31,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from nets.base import Net
+from nets.layers import conv_bn
 from nets.registry import register
 
 # (expansion t, output channels c, blocks n); the strides s are a config argument.
@@ -103,20 +104,22 @@ class MobileNetV2(Net):
         self._check_widths_used()
 
     def forward(self, x, training, tap=None):
-        x = tf.nn.relu6(self.stem_bn(self.stem(x), training))
+        # Every BN folded into its conv (`conv_bn`): grappler fuses a conv with a FusedBatchNorm
+        # followed by ReLU, not by ReLU6, a residual add or after a depthwise conv.
+        x = tf.nn.relu6(conv_bn(self.stem, self.stem_bn, x, training))
         x = self.tapped(tap, self.stem.out_group, x)
         for block in self.blocks:
             y = x
             if "expand" in block:
-                y = tf.nn.relu6(block["expand_bn"](block["expand"](y), training))
+                y = tf.nn.relu6(conv_bn(block["expand"], block["expand_bn"], y, training))
                 y = self.tapped(tap, block["expand"].out_group, y)
             # The expanded group is tapped twice: after the expand conv and after the depthwise.
-            y = tf.nn.relu6(block["dw_bn"](block["dw"](y), training))
+            y = tf.nn.relu6(conv_bn(block["dw"], block["dw_bn"], y, training))
             y = self.tapped(tap, block["dw"].group, y)
-            y = block["project_bn"](block["project"](y), training)
+            y = conv_bn(block["project"], block["project_bn"], y, training)
             x = x + y if block["residual"] else y  # linear bottleneck: no ReLU after the add
             x = self.tapped(tap, block["project"].out_group, x)
-        x = tf.nn.relu6(self.head_bn(self.head(x), training))
+        x = tf.nn.relu6(conv_bn(self.head, self.head_bn, x, training))
         x = self.tapped(tap, self.head.out_group, x)
         x = tf.reduce_mean(x, [1, 2])
         return self.fc_layer(x)

@@ -95,22 +95,24 @@ class ResNet(Net):
         self._check_widths_used()
 
     def _stem(self, x, training, tap=None):
-        x = tf.nn.relu(conv_bn(self.stem, self.stem_bn, x, training))
+        x = tf.nn.relu(self.stem_bn(self.stem(x), training))
         if self.imagenet_stem:
             x = tf.nn.max_pool2d(x, 3, 2, "SAME")
         return self.tapped(tap, self.stem.out_group, x)
 
     def _block(self, block, x, training, tap=None):
         if "conv3" in block:
-            shortcut = conv_bn(block["conv3"], block["bn3"], x, training)
+            shortcut = block["bn3"](block["conv3"](x), training)
         else:
             shortcut = x
         y = x
         if "conv0" in block:
-            y = tf.nn.relu(conv_bn(block["conv0"], block["bn0"], y, training))
+            y = tf.nn.relu(block["bn0"](block["conv0"](y), training))
             y = self.tapped(tap, block["conv0"].out_group, y)
-        y = tf.nn.relu(conv_bn(block["conv1"], block["bn1"], y, training))
+        y = tf.nn.relu(block["bn1"](block["conv1"](y), training))
         y = self.tapped(tap, block["conv1"].out_group, y)
+        # Folded (see `conv_bn`) where the residual add follows, which then fuses into the conv;
+        # elsewhere grappler already fuses conv + BN + ReLU without touching the kernel.
         y = conv_bn(block["conv2"], block["bn2"], y, training)
         return self.tapped(tap, block["conv2"].out_group, tf.nn.relu(y + shortcut))
 
