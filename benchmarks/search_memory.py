@@ -60,6 +60,7 @@ def warmup(args) -> None:
 def search(args) -> None:
     import numpy as np
 
+    from codebase.config import Config
     from codebase.context import load_net
     from codebase.methods.ekg.method import search_subsets
     from codebase.methods.ekg.search import GreedySearch
@@ -79,7 +80,8 @@ def search(args) -> None:
         if len(steps) >= args.steps:
             raise StopIteration
 
-    s = GreedySearch(net, images, labels[val].astype(np.int32), on_step=on_step, cache_mb=args.cache_mb)
+    s = GreedySearch(net, images, labels[val].astype(np.int32), on_step=on_step,
+                     cache_mb=args.cache_mb or Config().search_cache_mb)
     print(f"segment inputs cached: {len(s.cached)} of {len(s.segments)}")
     state = s.initial_state()
     report("segment functions traced and run on the 320 images")
@@ -132,7 +134,8 @@ def main(argv=None):
                         default=os.path.join(_ROOT, "..", "shared", "data", "pretrained", "res56_cifar10.pkl"))
     parser.add_argument("--steps", type=int, default=8, help="search: steps to report")
     parser.add_argument("--recompute", action="store_true", help="warmup: train with --recompute")
-    parser.add_argument("--cache_mb", type=int, default=256, help="search: memory for cached segment inputs")
+    parser.add_argument("--cache_mb", type=int, default=None,
+                        help="search: memory for cached segment inputs (default: --search_cache_mb's)")
     parser.add_argument("--functions", choices=("separate", "whole", "cond"), default="separate")
     args = parser.parse_args(argv)
     for path in (args.trained_param,) + ((args.data_path,) if args.part != "functions" else ()):

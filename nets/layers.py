@@ -72,6 +72,11 @@ def _fold(kernel, biases, affine, scale_shape):
     return kernel * tf.reshape(scale, scale_shape), biases
 
 
+def _add_bias(y, biases):
+    """`y + biases` as a BiasAdd op, the form grappler fuses into the convolution before it."""
+    return y if biases is None else tf.nn.bias_add(y, tf.reshape(biases, [-1]))
+
+
 def conv_bn(conv, bn, x, training):
     """`bn(conv(x), training)`. At inference the BatchNorm is folded into the convolution's
     kernel and bias (the same affine map), so that the graph is conv + bias-add, which
@@ -192,9 +197,7 @@ class Conv2d(Layer):
             biases = None if biases is None else self._gather(biases, self.out_group, 3)
         if affine is not None:
             kernel, biases = _fold(kernel, biases, affine, [1, 1, 1, -1])
-            return tf.nn.bias_add(tf.nn.conv2d(x, kernel, self.strides, self.padding), biases)
-        y = tf.nn.conv2d(x, kernel, self.strides, self.padding)
-        return y if biases is None else y + biases
+        return _add_bias(tf.nn.conv2d(x, kernel, self.strides, self.padding), biases)
 
     def cost(self, width):
         return complexity.conv_cost(self.out_hw, self.kernel_size, width(self.in_group),
@@ -248,10 +251,7 @@ class DepthwiseConv2d(Layer):
             biases = None if biases is None else self._gather(biases * tf.reshape(mask, [1, 1, 1, -1]), self.group, 3)
         if affine is not None:
             kernel, biases = _fold(kernel, biases, affine, [1, 1, -1, 1])
-            return tf.nn.bias_add(tf.nn.depthwise_conv2d(x, kernel, [1, self.strides, self.strides, 1], self.padding),
-                                  biases)
-        y = tf.nn.depthwise_conv2d(x, kernel, [1, self.strides, self.strides, 1], self.padding)
-        return y if biases is None else y + biases
+        return _add_bias(tf.nn.depthwise_conv2d(x, kernel, [1, self.strides, self.strides, 1], self.padding), biases)
 
     def cost(self, width):
         c = width(self.group)
@@ -371,12 +371,16 @@ class BatchNorm(Layer):
     def groups(self):
         return (self.group,)
 
-    def __call__(self, x, training=False):
+    def _gamma_beta(self):
+        """gamma and beta with the mask applied, gathered to the kept channels in compact mode."""
         gamma, beta = self.gamma, self.beta
         if self.group.masked:
             mask = tf.reshape(self.group.mask, gamma.shape)
             gamma, beta = gamma * mask, beta * mask
-        gamma, beta = self._gather(gamma, self.group, -1), self._gather(beta, self.group, -1)
+        return self._gather(gamma, self.group, -1), self._gather(beta, self.group, -1)
+
+    def __call__(self, x, training=False):
+        gamma, beta = self._gamma_beta()
         if training:
             y, mean, var = self._normalize(x, gamma, beta)
             if _replaying[0]:
@@ -388,7 +392,7 @@ class BatchNorm(Layer):
             rate = 1.0 - self.momentum
             if self.options is not None:
                 # Masked channels keep their statistics, so restoring a channel restores them too.
-                rate = rate * (1.0 - self.options.freeze_bn) * mask
+                rate = rate * (1.0 - self.options.freeze_bn) * tf.reshape(self.group.mask, self.gamma.shape)
             self.moving_mean.assign_sub((self.moving_mean - mean) * rate)
             self.moving_variance.assign_sub((self.moving_variance - var) * rate)
         else:
@@ -405,12 +409,8 @@ class BatchNorm(Layer):
 
     def inference_affine(self):
         """`(scale, shift)`, 1-D over the current channels: the inference map `x * scale + shift`."""
-        gamma, beta = self.gamma, self.beta
-        if self.group.masked:
-            mask = tf.reshape(self.group.mask, gamma.shape)
-            gamma, beta = gamma * mask, beta * mask
-        gamma, beta, mean, var = (tf.reshape(self._gather(t, self.group, -1), [-1])
-                                  for t in (gamma, beta, self.moving_mean, self.moving_variance))
+        gamma, beta = (tf.reshape(t, [-1]) for t in self._gamma_beta())
+        mean, var = (tf.reshape(self._gather(t, self.group, -1), [-1]) for t in (self.moving_mean, self.moving_variance))
         scale = gamma * tf.math.rsqrt(var + self.epsilon)
         return scale, beta - mean * scale
 
