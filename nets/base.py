@@ -4,10 +4,13 @@ A net declares its channel groups and layers in `__init__` (in code, never by ma
 and writes its forward pass in `forward`. The base gives it, for free:
 
 * params as `{"scope/var:0": ndarray}` dicts in the EKG pickle naming (`get_params`/`set_params`);
-* a width spec (`widths()`: active channels per prunable group) that, with `arch` and `config`,
-  fully describes a slimmed architecture (`spec()`);
+* a width spec (`widths()`: active channels per prunable group) that, with `arch`, `config`
+  and the attached transforms, fully describes a slimmed architecture (`spec()`);
 * complexity in both conventions without running the model (`cost()`);
-* ResRep compactors on request (`add_compactors()`, see `nets/compactor.py`).
+* activation sites (`nets.sites`): `net(x, training, tap=fn)` calls `fn(site, x)` at every
+  layer's input and output, wherever a group's activations are final, and at block outputs;
+* parameter transforms (`nets.transforms`) attached with `attach()`, their state saved apart
+  from the params (`transform_state()`); ResRep compactors on request (`add_compactors()`).
 
 Every net is constructed as `Cls(arch=..., widths=None, masked=True, **config)`: `widths`
 shrinks groups (a slimmed net), `masked=False` builds an ordinary net without mask variables.
@@ -16,7 +19,7 @@ shrinks groups (a slimmed net), `masked=False` builds an ordinary net without ma
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -24,7 +27,9 @@ import tensorflow as tf
 from nets import complexity
 from nets.compactor import Compactor
 from nets.groups import ChannelGroup, MaskOptions
-from nets.layers import FC, BatchNorm, Conv2d, DepthwiseConv2d, Layer, replaying
+from nets.layers import FC, BatchNorm, Conv2d, DepthwiseConv2d, ForwardState, Layer
+from nets.sites import Record, Site
+from nets.transforms import Transform
 from op_utils.recompute import recompute
 from utils.errors import ConfigError
 from utils.params_io import check_params
@@ -54,7 +59,10 @@ class Net(tf.Module):
         self.layers: dict[str, Layer] = {}
         self._requested_widths = dict(widths or {})
         self.full_sizes: dict[str, int] = {}  # every group's declared size, before a width spec shrinks it
+        self.state = ForwardState()
         self._recompute = False
+        self._transforms: list = []  # attached transforms, in order
+        self._targets: list = []  # the targets of each, as given to `attach`
 
     # === Declaring the structure (used by subclasses in __init__) ===
     def group(self, key: str, size: int, prunable: bool = True) -> ChannelGroup:
@@ -78,16 +86,18 @@ class Net(tf.Module):
         return layer
 
     def conv(self, key, in_group, out_group, kernel_size, in_hw, **kwargs) -> Conv2d:
-        return self._add(Conv2d(key, in_group, out_group, kernel_size, in_hw, options=self.options, **kwargs))
+        return self._add(Conv2d(key, in_group, out_group, kernel_size, in_hw, options=self.options,
+                                state=self.state, **kwargs))
 
     def dwconv(self, key, group, kernel_size, in_hw, **kwargs) -> DepthwiseConv2d:
-        return self._add(DepthwiseConv2d(key, group, kernel_size, in_hw, options=self.options, **kwargs))
+        return self._add(DepthwiseConv2d(key, group, kernel_size, in_hw, options=self.options, state=self.state,
+                                         **kwargs))
 
     def bn(self, key, group, hw, **kwargs) -> BatchNorm:
-        return self._add(BatchNorm(key, group, hw, options=self.options, **kwargs))
+        return self._add(BatchNorm(key, group, hw, options=self.options, state=self.state, **kwargs))
 
     def fc(self, key, in_group, out_group, **kwargs) -> FC:
-        return self._add(FC(key, in_group, out_group, options=self.options, **kwargs))
+        return self._add(FC(key, in_group, out_group, options=self.options, state=self.state, **kwargs))
 
     def _check_widths_used(self) -> None:
         """Call at the end of a subclass __init__: a width spec may only name real groups."""
@@ -97,7 +107,8 @@ class Net(tf.Module):
 
     # === Forward ===
     def forward(self, x, training: bool, tap=None):
-        """The forward pass; calls `tap(group, x)` on each group's activations where EKG gates them."""
+        """The forward pass; calls `self.site(tap, ...)` wherever a group's activations are final
+        and at every block output."""
         raise NotImplementedError
 
     def segments(self) -> list:
@@ -107,28 +118,42 @@ class Net(tf.Module):
     def __call__(self, x, training: bool = False, tap=None):
         """Logits of `x`. `training` selects BN batch statistics (and moving-statistics updates).
 
-        `tap`, if given, is called as `x = tap(group, x)` at every point where a channel group's
-        activations are final (after BN+ReLU, after a residual add); scoring methods use it to
-        measure channel importance. It must return a tensor of the same value.
+        `tap`, if given, is called as `x = tap(site, x)` at every activation site (`nets.sites`):
+        each layer's input and output, every point where a channel group's activations are final
+        (after BN+ReLU, after a residual add), every block output. It returns the tensor the
+        forward pass goes on with: its input to observe (scores, records), another tensor of the
+        same shape to replace it.
 
         With `set_recompute(True)`, a training call runs segment by segment under
         `op_utils.recompute`: same values and gradients, activation memory of one segment.
         """
-        segments = self.segments() if training and self._recompute else []
-        if len(segments) < 2:  # one segment: recomputing it all would keep all of it anyway
-            return self.forward(x, training, tap)
-        for segment in segments:
-            x = recompute(lambda y, fn=segment.fn: fn(y, True, tap), x, replaying)
-        return x
+        with self.state.tapping(tap):
+            segments = self.segments() if training and self._recompute else []
+            if len(segments) < 2:  # one segment: recomputing it all would keep all of it anyway
+                return self.forward(x, training, tap)
+            for segment in segments:
+                x = recompute(lambda y, fn=segment.fn: fn(y, True, tap), x, self.state.replay)
+            return x
 
     def set_recompute(self, on: bool) -> None:
         """Trade compute for memory in training calls (see `__call__`). A trace-time switch:
         set it before the training step is traced."""
         self._recompute = bool(on)
 
-    @staticmethod
-    def tapped(tap, group, x):
-        return x if tap is None else tap(group, x)
+    def site(self, tap, name: str, x, group: ChannelGroup, block: bool = False):
+        """Emit site `name` on `x`: a block output (`block=True`) or a point where `group`'s
+        activations are final (kind `group`); returns what the tap returns."""
+        if tap is None:
+            return x
+        return tap(Site(name, "block" if block else "group", group), x)
+
+    def sites(self, training: bool = False) -> list:
+        """Every activation site of one forward pass, in order (one eager call on a zero input)."""
+        record = Record()
+        size = self.config.get("input_size", 28)
+        channels = self.groups["input"].size if "input" in self.groups else 1
+        self(tf.zeros([1, size, size, channels]), training=training, tap=record)
+        return list(record.sites.values())
 
     # === Parameters ===
     def param_vars(self) -> dict:
@@ -165,9 +190,12 @@ class Net(tf.Module):
         return complexity.net_cost(self.layers.values(), complexity.width_fn_from(widths))
 
     def spec(self) -> dict:
-        """Everything needed to rebuild this architecture: arch, config, widths (and compactors)."""
+        """Everything needed to rebuild this architecture: arch, config, widths and, if any,
+        the saved transforms (`{"kind", "config", "targets"}`; their state: `transform_state()`)."""
         spec = {"arch": self.arch, "config": dict(self.config), "widths": self.widths()}
-        return {**spec, "compactors": list(self.compactors)} if self.compactors else spec
+        saved = [{"kind": t.kind, "config": t.config(), "targets": list(targets)}
+                 for t, targets in self.attachments() if t.saved]
+        return {**spec, "transforms": saved} if saved else spec
 
     def widths_from_shapes(self, shapes: Mapping[str, tuple]) -> dict:
         """Infer the width spec implied by stored parameter shapes (EKG pickles carry no spec)."""
@@ -181,11 +209,60 @@ class Net(tf.Module):
                     widths.setdefault(key, int(width))
         return widths
 
+    # === Transforms ===
+    def attach(self, transform: Transform, targets: Sequence[str]) -> Transform:
+        """Attach `transform` to parameters (`"<layer key>/<param>"`) or layer outputs
+        (`"<layer key>:out"`), in that order after any transform already there.
+
+        Call it before anything is traced, in the strategy scope the net will train in (a
+        transform may create variables), and before loading its state.
+        """
+        targets = list(targets)
+        if not targets:
+            raise ValueError(f"{self.arch}: {transform.kind} attached to no target")
+        for target in targets:
+            layer, where = self._target(target)
+            if where == ":out":
+                layer.out_transforms.append(transform)
+            else:
+                layer.transforms.setdefault(where, []).append(transform)
+            transform.attached(layer, target)
+        self._transforms.append(transform)
+        self._targets.append(tuple(targets))
+        return transform
+
+    def _target(self, target: str):
+        if target.endswith(":out"):
+            key, where = target[:-4], ":out"
+        else:
+            key, _, where = target.rpartition("/")
+        layer = self.layers.get(key)
+        if layer is None or (where != ":out" and where not in layer.named):
+            raise ConfigError(f"{self.arch}: no layer output or parameter {target!r} to attach a transform to")
+        return layer, where
+
+    def attachments(self) -> list:
+        """`[(transform, targets)]` in the order they were attached."""
+        return list(zip(self._transforms, self._targets))
+
+    def transform_state(self) -> dict:
+        """`{"t<i>/<name>": ndarray}`: the state of the saved transforms, i in spec order."""
+        saved = [t for t in self._transforms if t.saved]
+        return {f"t{i}/{name}": array for i, t in enumerate(saved) for name, array in t.state_arrays().items()}
+
+    def load_transform_state(self, arrays: Mapping[str, np.ndarray], what: str = "") -> None:
+        """Assign what `transform_state()` returned (for example read back from a file)."""
+        saved = [t for t in self._transforms if t.saved]
+        for i, transform in enumerate(saved):
+            prefix = f"t{i}/"
+            transform.load_state({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)},
+                                 what=what or self.arch)
+
     # === ResRep compactors ===
     @property
     def compactors(self) -> dict:
         """`{group key: Compactor}`; empty unless `add_compactors()` was called."""
-        return {layer.group.key: layer for layer in self.layers.values() if isinstance(layer, Compactor)}
+        return {t.group.key: t for t in self._transforms if isinstance(t, Compactor)}
 
     def compacted_pairs(self) -> list:
         """`(conv, bn)` of every BN that applies a compactor, with the conv it normalises."""
@@ -223,7 +300,7 @@ class Net(tf.Module):
 
         def conv_then_bn(conv, bn):
             return isinstance(conv, Conv2d) and isinstance(bn, BatchNorm) and conv.out_group is bn.group \
-                and len(bn.axes) == 3
+                and len(bn.axes_rank) == 3
 
         for layer in layers:
             if isinstance(layer, DepthwiseConv2d):
@@ -234,9 +311,8 @@ class Net(tf.Module):
                 eligible[layer.group.key] &= conv_then_bn(before.get(id(layer)), layer)
         wanted = set(eligible if keys is None else keys)
         added = {}
-        for bn in layers:
-            if isinstance(bn, BatchNorm) and eligible.get(bn.group.key) and bn.group.key in wanted:
-                if bn.group.key not in added:
-                    added[bn.group.key] = self._add(Compactor(bn.group))
-                bn.compactor = added[bn.group.key]  # the slot BatchNorm declares for this
+        for key in eligible:
+            if eligible[key] and key in wanted:
+                bns = [bn.key for bn in layers if isinstance(bn, BatchNorm) and bn.group.key == key]
+                added[key] = self.attach(Compactor(self.groups[key]), [f"{b}:out" for b in bns])
         return added

@@ -1,11 +1,16 @@
 """ResRep compactors (Ding et al., ICCV 2021) and their folding into an ordinary net.
 
 A compactor is a 1x1 convolution C -> C without bias, initialised to the identity, that
-follows the BatchNorm of every layer writing into a channel group (`Net.add_compactors`).
-A residual stream has ONE compactor, applied after every BN writing into it, so each
-write becomes `Q . BN(conv(x))`: a zero row `c` of `Q` zeroes stream channel `c` everywhere,
-and the channel can be removed. The compactor's `mask` (1 = open row) is not a forward
-mask: it only gates the task gradient of `Q`'s rows during ResRep training.
+follows the BatchNorm of every layer writing into a channel group (`Net.add_compactors`): an
+output transform of those BatchNorms (`nets.transforms`). A residual stream has ONE
+compactor, applied after every BN writing into it, so each write becomes `Q . BN(conv(x))`: a
+zero row `c` of `Q` zeroes stream channel `c` everywhere, and the channel can be removed. The
+compactor's `mask` (1 = open row) is not a forward mask: it only gates the task gradient of
+`Q`'s rows during ResRep training.
+
+Its kernel and mask are transform state: saved beside the params (`<params>.state.npz`), not in
+the EKG params dict, and listed in the net's spec, so a net saved while training with
+compactors rebuilds from its files.
 
 `fold(net)` turns a net with compactors into a plain masked net of the same architecture:
 each conv + BN + compactor becomes one conv followed by a BN that adds the folded bias, and
@@ -18,14 +23,15 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from nets import complexity
-from nets.layers import Layer
+from nets import axes as ax
+from nets.transforms import Transform, register_transform
 
 _EPS = 1e-12
 
 
-class Compactor(Layer):
-    """The compactor of one channel group; parameters `<group key>/compactor/{kernel,mask}:0`.
+@register_transform
+class Compactor(Transform):
+    """The compactor of one channel group.
 
     Args:
         group: the ChannelGroup it mixes (input and output).
@@ -34,27 +40,29 @@ class Compactor(Layer):
     `kernel[0, 0, :, c]`. `mask` (`[C]`, not trainable) marks the open rows.
     """
 
-    def __init__(self, group):
-        super().__init__(f"{group.key}/compactor", options=None)
-        self.group = group
-        self.kernel = self._var("kernel", np.eye(group.size, dtype=np.float32)[None, None])
-        self.mask = self._var("mask", np.ones([group.size], np.float32), trainable=False)
+    kind = "compactor"
 
-    def groups(self):
-        return (self.group,)
+    def __init__(self, group):
+        super().__init__(name="compactor")
+        self.group = group
+        self.kernel = tf.Variable(np.eye(group.size, dtype=np.float32)[None, None], name="kernel")
+        self.mask = tf.Variable(np.ones([group.size], np.float32), trainable=False, name="mask")
 
     def __call__(self, x):
         return tf.nn.conv2d(x, self.kernel, 1, "VALID")
 
-    def cost(self, width):
-        return complexity.Cost()  # folded into the preceding conv: the deployed net has no compactor
+    def state(self):
+        return {"kernel": self.kernel, "mask": self.mask}
 
-    def infer_widths(self, shapes):
-        return {self.group.key: shapes["kernel"][3]}
+    def state_axes(self):
+        return {"kernel": (ax.Axis(2, self.group), ax.Axis(3, self.group)), "mask": (ax.Axis(0, self.group),)}
 
-    def sliced(self):
-        kept = self.group.kept()
-        return {"kernel": self.kernel.numpy()[:, :, kept][..., kept], "mask": self.mask.numpy()[kept]}
+    def config(self):
+        return {"group": self.group.key}
+
+    @classmethod
+    def from_config(cls, config, net):
+        return cls(net.groups[config["group"]])
 
     def row_norms(self) -> np.ndarray:
         """The L2 norm of every row (output channel), as numpy."""
@@ -82,10 +90,11 @@ def fold(net):
     in training mode (fine-tuning), where the BN normalises with batch statistics.
 
     Group masks of the result are the compactor masks; `nets.slim` of it removes those rows.
+    Other transforms of `net` are not carried over (ResRep nets have none).
     """
     compactors = net.compactors
     plain = type(net)(arch=net.arch, widths=net.widths(), masked=True, **net.config)
-    params = {k: v for k, v in net.get_params().items() if "/compactor/" not in k}
+    params = net.get_params()
     for conv, bn in net.compacted_pairs():
         compactor = compactors[bn.group.key]
         kernel = compactor.kernel.numpy()[0, 0]

@@ -57,12 +57,12 @@ class LeNet5(Net):
 
     def forward(self, x, training, tap=None):
         x = tf.nn.max_pool2d(tf.nn.relu(self.conv1(x)), 2, 2, "VALID")
-        x = self.tapped(tap, self.conv1.out_group, x)
+        x = self.site(tap, "conv1:act", x, self.conv1.out_group)
         x = tf.nn.max_pool2d(tf.nn.relu(self.conv2(x)), 2, 2, "VALID")
-        x = self.tapped(tap, self.conv2.out_group, x)  # before flattening: the last axis is channels
+        x = self.site(tap, "conv2:act", x, self.conv2.out_group)  # before flattening: the last axis is channels
         x = tf.reshape(x, [tf.shape(x)[0], -1])
-        x = self.tapped(tap, self.fc1.out_group, tf.nn.relu(self.fc1(x)))
-        x = self.tapped(tap, self.fc2.out_group, tf.nn.relu(self.fc2(x)))
+        x = self.site(tap, "fc1:act", tf.nn.relu(self.fc1(x)), self.fc1.out_group)
+        x = self.site(tap, "fc2:act", tf.nn.relu(self.fc2(x)), self.fc2.out_group)
         return self.fc3(x)
 
 

@@ -55,7 +55,7 @@ class MLP(Net):
     def forward(self, x, training, tap=None):
         x = tf.reshape(x, [tf.shape(x)[0], -1])
         for layer in self.hidden_layers:
-            x = self.tapped(tap, layer.out_group, tf.nn.relu(layer(x)))
+            x = self.site(tap, layer.key + ":act", tf.nn.relu(layer(x)), layer.out_group)
         return self.logits(x)
 
 

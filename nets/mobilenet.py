@@ -107,20 +107,20 @@ class MobileNetV2(Net):
         # Every BN folded into its conv (`conv_bn`): grappler fuses a conv with a FusedBatchNorm
         # followed by ReLU, not by ReLU6, a residual add or after a depthwise conv.
         x = tf.nn.relu6(conv_bn(self.stem, self.stem_bn, x, training))
-        x = self.tapped(tap, self.stem.out_group, x)
-        for block in self.blocks:
+        x = self.site(tap, "stem", x, self.stem.out_group, block=True)
+        for k, block in enumerate(self.blocks):
             y = x
             if "expand" in block:
                 y = tf.nn.relu6(conv_bn(block["expand"], block["expand_bn"], y, training))
-                y = self.tapped(tap, block["expand"].out_group, y)
-            # The expanded group is tapped twice: after the expand conv and after the depthwise.
+                y = self.site(tap, block["expand_bn"].key + ":act", y, block["expand"].out_group)
+            # The expanded group is final twice: after the expand conv and after the depthwise.
             y = tf.nn.relu6(conv_bn(block["dw"], block["dw_bn"], y, training))
-            y = self.tapped(tap, block["dw"].group, y)
+            y = self.site(tap, block["dw_bn"].key + ":act", y, block["dw"].group)
             y = conv_bn(block["project"], block["project_bn"], y, training)
             x = x + y if block["residual"] else y  # linear bottleneck: no ReLU after the add
-            x = self.tapped(tap, block["project"].out_group, x)
+            x = self.site(tap, f"block{k}", x, block["project"].out_group, block=True)
         x = tf.nn.relu6(conv_bn(self.head, self.head_bn, x, training))
-        x = self.tapped(tap, self.head.out_group, x)
+        x = self.site(tap, "head", x, self.head.out_group, block=True)
         x = tf.reduce_mean(x, [1, 2])
         return self.fc_layer(x)
 

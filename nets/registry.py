@@ -10,6 +10,7 @@ from typing import Mapping
 
 import numpy as np
 
+from nets.transforms import transform_class
 from utils.errors import ConfigError
 
 _REGISTRY: dict = {}
@@ -40,9 +41,14 @@ def build(arch: str, widths: Mapping[str, int] | None = None, masked: bool = Tru
     return cls(arch=name, widths=widths, masked=masked, **{**defaults, **config})
 
 
-def build_from_spec(spec: Mapping, masked: bool = False):
-    """Rebuild a (slimmed) net from `Net.spec()`."""
-    return build(spec["arch"], widths=spec.get("widths"), masked=masked, **spec.get("config", {}))
+def build_from_spec(spec: Mapping, masked: bool = False, **config):
+    """Rebuild a (slimmed) net from `Net.spec()`, with its transforms attached (their state is
+    loaded separately: `Net.load_transform_state`); `config` overrides the spec's config."""
+    net = build(spec["arch"], widths=spec.get("widths"), masked=masked, **{**spec.get("config", {}), **config})
+    for entry in spec.get("transforms", []):
+        transform = transform_class(entry["kind"]).from_config(entry.get("config", {}), net)
+        net.attach(transform, entry["targets"])
+    return net
 
 
 def build_from_params(arch: str, params: Mapping[str, np.ndarray], masked: bool = False, **config):

@@ -61,7 +61,7 @@ class ResNet(Net):
             hw = tuple((s + 1) // 2 for s in hw)  # 3x3/2 max-pool, SAME padding
 
         # === Stages ===
-        self.blocks = []
+        self.blocks, self.block_names = [], []
         in_depth = plan["depths"][0]
         for i, (count, depth, stride) in enumerate(zip(blocks, plan["depths"], plan["strides"])):
             for j in range(count):
@@ -88,6 +88,7 @@ class ResNet(Net):
                 block["conv2"] = self.conv(name + "conv2", inner, new_stream, 1 if bottleneck else 3, out_hw)
                 block["bn2"] = self.bn(name + "bn2", new_stream, out_hw, gamma_init=0.0)
                 self.blocks.append(block)
+                self.block_names.append(name.rstrip("/"))
                 stream, hw, in_depth = new_stream, out_hw, depth * expansion
 
         # === Head ===
@@ -98,9 +99,9 @@ class ResNet(Net):
         x = tf.nn.relu(self.stem_bn(self.stem(x), training))
         if self.imagenet_stem:
             x = tf.nn.max_pool2d(x, 3, 2, "SAME")
-        return self.tapped(tap, self.stem.out_group, x)
+        return self.site(tap, "stem", x, self.stem.out_group, block=True)
 
-    def _block(self, block, x, training, tap=None):
+    def _block(self, name, block, x, training, tap=None):
         if "conv3" in block:
             shortcut = block["bn3"](block["conv3"](x), training)
         else:
@@ -108,13 +109,13 @@ class ResNet(Net):
         y = x
         if "conv0" in block:
             y = tf.nn.relu(block["bn0"](block["conv0"](y), training))
-            y = self.tapped(tap, block["conv0"].out_group, y)
+            y = self.site(tap, block["bn0"].key + ":act", y, block["conv0"].out_group)
         y = tf.nn.relu(block["bn1"](block["conv1"](y), training))
-        y = self.tapped(tap, block["conv1"].out_group, y)
+        y = self.site(tap, block["bn1"].key + ":act", y, block["conv1"].out_group)
         # Folded (see `conv_bn`) where the residual add follows, which then fuses into the conv;
         # elsewhere grappler already fuses conv + BN + ReLU without touching the kernel.
         y = conv_bn(block["conv2"], block["bn2"], y, training)
-        return self.tapped(tap, block["conv2"].out_group, tf.nn.relu(y + shortcut))
+        return self.site(tap, name, tf.nn.relu(y + shortcut), block["conv2"].out_group, block=True)
 
     def _head(self, x, training, tap=None):
         return self.fc_layer(tf.reduce_mean(x, [1, 2]))
@@ -124,8 +125,8 @@ class ResNet(Net):
             return frozenset(g.key for layer in layers for g in layer.groups())
 
         segments = [Segment(self._stem, keys(self.stem))]
-        for block in self.blocks:
-            segments.append(Segment(functools.partial(self._block, block), keys(*block.values())))
+        for name, block in zip(self.block_names, self.blocks):
+            segments.append(Segment(functools.partial(self._block, name, block), keys(*block.values())))
         return segments + [Segment(self._head, keys(self.fc_layer))]
 
     def forward(self, x, training, tap=None):

@@ -3,7 +3,8 @@
 The slimmed net is a fresh instance of the same class built with the width spec of the masks
 (`masked=False`: no mask variables, narrower variables). Each layer gathers its kept input and
 output channels; when `options.renorm` is on, the kernel keeps the masked kernel's rescaling so
-the slimmed net computes exactly what the masked net computed.
+the slimmed net computes exactly what the masked net computed. Every saved transform
+(`nets.transforms`) is rebuilt on the slimmed net with its state gathered the same way.
 
 `pad_channels` goes the other way for deployment: CPU convolution kernels work on blocks of 8
 (AVX2) or 16 channels, so a slimmed net with odd widths (1, 7, 13, ...) can be slower than its
@@ -13,7 +14,20 @@ and lets the kernels run full blocks (`docs/benchmarks.md`, latency).
 
 from __future__ import annotations
 
+from nets import axes as ax
 from nets.complexity import width_fn_from
+
+
+def _carry_transforms(source, target, resize) -> None:
+    """Attach `source`'s saved transforms to `target` (same layer keys), state resized by
+    `resize(array, axes)`."""
+    for transform, targets in source.attachments():
+        if not transform.saved:
+            continue
+        new = target.attach(type(transform).from_config(transform.config(), target), targets)
+        axes = transform.state_axes()
+        new.load_state({name: resize(array, axes.get(name, ())) for name, array in transform.state_arrays().items()},
+                       what=target.arch)
 
 
 def slim(net, masked: bool = False):
@@ -29,6 +43,7 @@ def slim(net, masked: bool = False):
         target = small.layers[key]
         for name, array in layer.sliced().items():
             target.named[name].assign(array)
+    _carry_transforms(net, small, ax.gather)
     return small
 
 
@@ -39,7 +54,8 @@ def pad_channels(net, multiple: int = 8):
 
     New channels are inert: zero kernel slices in and out, zero bias, BN gamma and beta 0 (and
     moving variance 1), so each one is exactly 0 wherever it appears, residual streams included.
-    It is an inference layout: training it would move the new channels' BN betas.
+    Transform state grows with zeros. It is an inference layout: training it would move the new
+    channels' BN betas.
     """
     if net.compactors:
         raise ValueError(f"{net.arch}: fold the ResRep compactors (nets.compactor.fold) before padding")
@@ -52,4 +68,5 @@ def pad_channels(net, multiple: int = 8):
     for key, layer in source.layers.items():
         for name, array in layer.padded(width).items():
             padded.layers[key].named[name].assign(array)
+    _carry_transforms(source, padded, lambda array, axes: ax.pad(array, axes, width))
     return padded

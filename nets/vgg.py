@@ -65,13 +65,16 @@ class VGG(Net):
         self._check_widths_used()
 
     def forward(self, x, training, tap=None):
+        stage = 0
         for conv, bn, pool in self.convs:
             x = tf.nn.relu(bn(conv(x), training))
             if pool:
                 x = tf.nn.max_pool2d(x, 2, 2, "VALID")
-            x = self.tapped(tap, conv.out_group, x)  # what the next layer reads
+                stage += 1
+            # What the next layer reads; a stage ends with its max-pool.
+            x = self.site(tap, f"stage{stage}" if pool else bn.key + ":act", x, conv.out_group, block=pool)
         x = tf.reshape(x, [tf.shape(x)[0], -1])
-        x = self.tapped(tap, self.fc1.out_group, tf.nn.relu(self.fc1(x)))
+        x = self.site(tap, "fc1:act", tf.nn.relu(self.fc1(x)), self.fc1.out_group)
         return self.fc2(x)
 
 
