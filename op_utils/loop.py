@@ -266,10 +266,10 @@ class Controller:
                 for key, value in extras.items():
                     extra_sums[key] = extra_sums.get(key, 0.0) + value
                 running = trainer.metrics()
-                progress.update(1, loss=running["loss"], acc=running["top1"])
+                progress.update(1, loss=running["loss"], **({"acc": running["top1"]} if "top1" in running else {}))
                 if scalars is not None and global_step % self.log_every_steps == 0:
-                    values = {"train/loss": running["loss"], "train/top1": running["top1"],
-                              "train/lr": _last_lr(trainer)}
+                    values = {f"train/{key}": value for key, value in running.items()}
+                    values["train/lr"] = _last_lr(trainer)
                     values.update({f"train/{key}": value for key, value in extras.items()})
                     values.update({f"train/{key}": value for key, value in (hooked or {}).items()})
                     scalars.scalars(values, global_step)
@@ -299,7 +299,7 @@ class Controller:
         """Evaluates, records, calls the hook and checkpoints; updates ``logs`` in place."""
         logs.update(self._evaluate())
         if scalars is not None:
-            values = {"train/epoch_loss": logs["loss"], "train/epoch_top1": logs["top1"]}
+            values = {f"train/epoch_{key}": logs[key] for key in ("loss", "top1") if key in logs}
             values.update({f"eval/{key}": logs[f"eval_{key}"]
                            for key in ("top1", "top5", "loss") if f"eval_{key}" in logs})
             scalars.scalars(values, logs["step"])

@@ -1,4 +1,4 @@
-"""Loss functions shared by the methods: soft cross-entropy, EKG's KL and memory-bank KD.
+"""Loss functions shared by the methods: soft cross-entropy, Hinton's KD, EKG's KL and memory-bank KD.
 
 Every function returns per-example values ([batch]); the trainer sums them and divides by the
 global batch size.
@@ -11,6 +11,18 @@ def soft_cross_entropy(target_logits, logits, temperature: float = 1.0):
     """Cross-entropy of softmax(logits / T) against the soft targets softmax(target_logits / T)."""
     target = tf.nn.softmax(target_logits / temperature)
     return -tf.reduce_sum(target * tf.nn.log_softmax(logits / temperature), axis=-1)
+
+
+def hinton_kd(teacher_logits, student_logits, temperature: float):
+    """Hinton et al.'s distillation term: `T^2 * KL(softmax(t/T) || softmax(s/T))` per example.
+
+    The `T^2` keeps the gradient's scale independent of the temperature (the soft targets'
+    gradients scale as `1/T^2`), so the weight of this term against the label loss means the
+    same at every `T`. Its gradient equals that of the soft cross-entropy times `T^2`.
+    """
+    log_p = tf.nn.log_softmax(teacher_logits / temperature)
+    log_q = tf.nn.log_softmax(student_logits / temperature)
+    return temperature ** 2 * tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=-1)
 
 
 def kl_t(target_logits, logits, temperature: float):

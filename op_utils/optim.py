@@ -18,7 +18,9 @@ How an update is applied:
   cross-replica sum, so it does not depend on the number of replicas (EKG divided it by
   the number of GPUs to undo the sum instead).
 * ``overrides`` gives some variables their own hyperparameters (e.g. ResRep's compactors:
-  momentum 0.99, no weight decay): a function of the variable, asked once in ``build``.
+  momentum 0.99, no weight decay): a function of the variable, asked once in ``build``. The
+  constructor takes one, and ``build`` another (the training task's, see ``op_utils.task``);
+  where both name a hyperparameter of a variable, the one given to ``build`` wins.
 
 Slots are stored in the order of the variables passed to ``build``; a checkpoint restores
 into an optimizer built over the same model.
@@ -88,6 +90,7 @@ class Optimizer(tf.Module):
         # Values are ints and floats, so checkpoint tracking ignores these.
         self._index = {}
         self._hypers: list[dict[str, float]] = []
+        self._build_overrides = None
 
     @property
     def _hyper(self) -> dict[str, float]:
@@ -108,16 +111,18 @@ class Optimizer(tf.Module):
     def built(self) -> bool:
         return self.iterations is not None
 
-    def build(self, variables: Sequence[tf.Variable]) -> None:
+    def build(self, variables: Sequence[tf.Variable], overrides: Overrides | None = None) -> None:
         """Creates the step counter and the slots of ``variables``.
 
         Must be called once, inside the scope of the strategy that owns the variables.
+        ``overrides`` is asked after the constructor's (see the module docstring).
 
         Raises:
             ConfigError: If already built, or if a variable is listed twice.
         """
         if self.built:
             raise ConfigError(f"optimizer {self.name!r} is already built")
+        self._build_overrides = overrides
         strategy = tf.distribute.get_strategy()
         # ONLY_FIRST_REPLICA: the counter is updated in cross-replica context only, and
         # this aggregation makes any stray replica-context update well defined.
@@ -141,7 +146,10 @@ class Optimizer(tf.Module):
 
     def _hyper_of(self, var: tf.Variable) -> dict[str, float]:
         hyper = self._hyper
-        changed = dict(self.overrides(var) or {}) if self.overrides is not None else {}
+        changed = {}
+        for overrides in (self.overrides, self._build_overrides):
+            if overrides is not None:
+                changed.update(overrides(var) or {})
         unknown = sorted(set(changed) - set(hyper))
         if unknown:
             raise ConfigError(f"{type(self).__name__} cannot override {unknown[0]!r} of {var.name}; "

@@ -1,0 +1,19 @@
+"""`instance_function`: a `tf.function` of one object's method, counted as that object's own.
+
+TensorFlow warns when "5 out of the last 5 calls to <function> triggered tf.function retracing",
+and it keys that count by the method's *code*, so that a model rebuilt in a loop is caught.
+A run builds a new trainer and evaluator per stage (each with its own model or variables),
+and each traces its functions once: counted together they look like one function retracing
+at every call. Keying by the instance (a `functools.partial`, which has no code object of its
+own) keeps the warning for what it is meant to catch: one object's function tracing again.
+"""
+from __future__ import annotations
+
+import functools
+
+import tensorflow as tf
+
+
+def instance_function(method, **kwargs):
+    """`tf.function(method, **kwargs)` whose retracing is counted per instance (see above)."""
+    return tf.function(functools.partial(method.__func__, method.__self__), **kwargs)
