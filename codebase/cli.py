@@ -23,16 +23,14 @@ def guarded(main):
     return wrapper
 
 
-def training_main(preset, description: str):
-    """The `main(argv=None)` of a training script with its own preset Config."""
+def training_main(script: dict, description: str):
+    """The `main(argv=None)` of a training script whose own run defaults are `script`."""
 
     @guarded
     def main(argv=None):
         from codebase.config import parse_config
+        from codebase.pipeline import run
 
-        cfg = parse_config(argv, preset, description=description)
-        from codebase.pipeline import run  # imports TensorFlow, after the flags are checked
-
-        return run(cfg)
+        return run(parse_config(argv, script, description=description))
 
     return main

@@ -1,8 +1,17 @@
-"""The run configuration: one frozen dataclass, made once, saved with the run, never mutated.
+"""The run configuration: frozen dataclasses, made once, saved with the run, never mutated.
 
-Precedence: dataclass defaults < the script's preset (CIFAR or ImageNet) < `--config FILE`
-(JSON) < command-line flags. Flag names are those of the EKG reference where they exist.
-`validate()` turns every out-of-range value into a one-line `ConfigError`.
+A `Config` is the run's own options (`RunConfig`: network, data, output folder, engine) and an
+ordered chain of `Step`s, one per method of `--method a,b,...` (or of the `steps` list of a
+`--config` file), each with its method's own options (declared in the method's module) and
+its own optimisation (`OptimConfig`). When the first method needs a trained net and no
+`--trained_param` is given, a `0-baseline` step (plain training from scratch) comes first.
+
+Precedence, for each step: dataclass defaults < the dataset's recipe for the step
+(`codebase/presets.py`, chosen by the method: scratch or finetune) < the method's changes to
+it < the script's own defaults (`--arch`, `--dataset`, `--train_path`) < `--config FILE`
+(top-level fields, then the step's entry in its `steps` list) < command-line flags, which
+apply to every step of the method they belong to. A flag or `--config` field that belongs to
+no method of the run is an error, as is any out-of-range value: one line that names the flag.
 """
 
 from __future__ import annotations
@@ -10,224 +19,338 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 from typing import Optional, Sequence
 
+from codebase import presets
+from codebase.options import Options, build, fraction, option, positive, run_control_fields
 from utils.errors import ConfigError
 
+
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """Everything a run needs. See `--help` of the scripts for each field's meaning."""
+class RunConfig(Options):
+    """The network, the data, the output folder and the engine: shared by every step."""
 
-    arch: str = "ResNet-56"
-    dataset: str = "cifar10"
-    data_path: Optional[str] = None
-    train_path: str = "runs/resnet56_cifar10"
-    trained_param: Optional[str] = None
-    method: str = "none"
-    # Optimisation (train.py of the EKG reference, for training from scratch).
-    optimizer: str = "sgd"
-    learning_rate: float = 0.05
-    schedule: str = "step"
-    decay_points: tuple = (0.3, 0.6, 0.9)
-    decay_rate: float = 0.1
-    warmup_epochs: float = 0.0
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    batch_size: int = 128
-    val_batch_size: int = 250
-    train_epoch: int = 100
-    steps_per_epoch: Optional[int] = None  # default: one pass over the training set
-    # Engine.
-    gpu_id: Optional[str] = None
-    num_replicas: int = 1
-    accum: int = 1
-    compile: str = "auto"
-    recompute: bool = False  # keep segment inputs only, recompute activations in the backward pass
-    seed: int = 0
-    do_log: int = 100
-    ckpt_every_steps: Optional[int] = None
-    resume: bool = False
-    stop_after: Optional[str] = None  # run control like --resume: not compared on resume
-    # Compression methods (EKG names; ignored by --method none).
-    baseline_epoch: int = 100  # training from scratch when no --trained_param is given
-    search_target_rate: float = 0.45  # kept fraction of FLOPs (EKG convention)
-    search_step: float = 0.2
-    search_round_to: int = 1  # 1: EKG's widths; N: widths are multiples of N (full blocks on CPU/GPU kernels)
-    search_batch_size: int = 256
-    search_cache_mb: int = 256  # segment inputs kept for the candidates; fewer when they do not fit
-    search_train_per_class: int = 256  # warm-up subset: the first images of each class
-    search_val_per_class: int = 32  # search-validation subset: the last images of each class
-    num_teacher: int = 5
-    knowledge: bool = True  # memory-bank distillation while fine-tuning (off: plain CE)
-    temperature: float = 0.0  # 0: 4, or 10 with 1000 classes or more
-    # ResRep (--method resrep; reference values of Ding et al. for ResNet-56 on CIFAR-10).
-    resrep_epoch: int = 480  # training with compactors; --train_epoch is the optional fine-tuning after
-    resrep_lambda: float = 1e-4  # group-lasso strength on the compactor rows
-    resrep_interval: int = 200  # steps between mask updates
-    resrep_before_mask: float = 5.0  # epochs of lasso only before the first mask update
-    resrep_target: float = 0.471  # kept fraction of FLOPs (EKG convention)
-    resrep_granularity: int = 4  # rows a mask update may close beyond those closed, while above target
-    resrep_momentum: float = 0.99  # SGD momentum of the compactors (no weight decay on them)
-    resrep_streams: bool = True  # also compact residual streams (the paper: single-writer groups only)
+    arch: str = option("ResNet-56", "network, e.g. ResNet-56, ResNet-50, MobileNetV2, VGG-16, LeNet-5")
+    dataset: str = option("cifar10", "cifar10, cifar100, imagenet or mnist")
+    data_path: Optional[str] = option(None, "dataset folder or archive (default: download through tf.keras.datasets)")
+    image_size: Optional[int] = option(None, "ImageNet: train and test at this input size (default: the net's, 224)")
+    train_path: str = option("runs/resnet56_cifar10", "output folder: config.json, log.txt, one folder per step, "
+                                                      "results.json, the final trained_params.pkl",
+                             run_control=True)  # a run folder may be moved before it is resumed
+    trained_param: Optional[str] = option(None, "params pickle to start from ({'scope/var:0': ndarray}, EKG format; "
+                                                "a .arch.json spec beside it gives a slimmed net's widths)")
+    method: str = option("none", "compression method, or a chain of them run in order, e.g. ekg, l1,kd "
+                                 "(none = plain training); each step in its own subfolder")
+    val_batch_size: int = option(250, "evaluation batch size")
+    baseline_epoch: int = option(100, "epochs of the baseline a pruning run trains when no --trained_param is given "
+                                      "(the dataset's scratch recipe)")
+    baseline_learning_rate: Optional[float] = option(None, "learning rate of that baseline (default: the recipe's)")
+    gpu_id: Optional[str] = option(None, "GPUs to use, e.g. '0' or '0,1' (default: all visible)")
+    num_replicas: int = option(1, "on a CPU-only machine, split the CPU into this many replicas")
+    accum: int = option(1, "micro-batches per step (gradient accumulation; equals the large batch)")
+    compile: str = option("auto", "XLA for the per-replica step: auto (on with a GPU, off on CPU), on or off",
+                          choices=("auto", "on", "off"))
+    recompute: bool = option(False, "recompute each network segment's activations in the backward pass instead of "
+                                    "keeping them (same results; ResNets train in about a quarter of the activation "
+                                    "memory for about a third more compute)", run_control=True)
+    seed: int = option(0, "run seed: data order, augmentation, initialisation")
+    do_log: int = option(100, "steps between logged / TensorBoard step scalars")
+    ckpt_every_steps: Optional[int] = option(None, "also checkpoint every this many steps (default: every epoch)")
+    resume: bool = option(False, "continue the run in --train_path from its last checkpoint", run_control=True)
+    stop_after: Optional[str] = option(None, "stop after this stage (e.g. search, or 1-ekg/search); --resume "
+                                             "continues the run later", run_control=True)
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+    def validate(self, **context) -> None:
+        super().validate(**context)
+        positive(val_batch_size=self.val_batch_size, num_replicas=self.num_replicas, accum=self.accum,
+                 do_log=self.do_log, baseline_epoch=self.baseline_epoch, ckpt_every_steps=self.ckpt_every_steps,
+                 baseline_learning_rate=self.baseline_learning_rate, image_size=self.image_size)
+        if self.trained_param is not None and not os.path.isfile(self.trained_param):
+            raise ConfigError(f"--trained_param {self.trained_param} does not exist")
 
-    def validate(self) -> "Config":
-        """Raise ConfigError naming the first bad value; return self for chaining."""
-        positive = dict(learning_rate=self.learning_rate, batch_size=self.batch_size,
-                        val_batch_size=self.val_batch_size, train_epoch=self.train_epoch,
-                        num_replicas=self.num_replicas, accum=self.accum, do_log=self.do_log)
-        if self.method == "resrep" and self.train_epoch == 0:
-            positive.pop("train_epoch")  # ResRep's conversion is lossless: fine-tuning is optional
-        for name, value in positive.items():
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ConfigError(f"--{name} must be positive, got {value!r}")
-        if not 0 < self.search_target_rate < 1:
-            raise ConfigError(f"--search_target_rate must be in (0, 1), got {self.search_target_rate}")
-        if not 0 < self.search_step <= 1:
-            raise ConfigError(f"--search_step must be in (0, 1], got {self.search_step}")
-        for name in ("baseline_epoch", "search_batch_size", "search_round_to", "search_cache_mb",
-                     "search_train_per_class", "search_val_per_class", "num_teacher"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)!r}")
-        if self.temperature < 0:
-            raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
-        self._validate_resrep()
-        for name in ("steps_per_epoch", "ckpt_every_steps"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"--{name} must be positive, got {value!r}")
-        if not 0 <= self.weight_decay < 1:
-            raise ConfigError(f"--weight_decay must be in [0, 1), got {self.weight_decay}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if not 0 < self.decay_rate <= 1:
-            raise ConfigError(f"--decay_rate must be in (0, 1], got {self.decay_rate}")
+    def methods(self) -> list:
+        return [m.strip() for m in self.method.split(",")]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig(Options):
+    """How one step trains: optimizer, schedule, batch and duration."""
+
+    optimizer: str = option("sgd", "sgd (Nesterov momentum) or adam", choices=("sgd", "adam"))
+    learning_rate: float = option(0.05, "initial learning rate")
+    schedule: str = option("step", "learning-rate schedule: step (x --decay_rate at --decay_points), cosine or "
+                                   "constant", choices=("step", "cosine", "constant"))
+    decay_points: tuple[float, ...] = option((0.3, 0.6, 0.9), "fractions of training at which the learning rate is "
+                                                              "multiplied by --decay_rate")
+    decay_rate: float = option(0.1, "factor of each step decay")
+    warmup_epochs: float = option(0.0, "linear learning-rate warm-up, in epochs")
+    weight_decay: float = option(1e-4, "L2 coefficient added to every trained variable's gradient")
+    momentum: float = option(0.9, "SGD momentum")
+    batch_size: int = option(128, "global batch size (all replicas and micro-batches)")
+    train_epoch: int = option(100, "training epochs")
+    steps_per_epoch: Optional[int] = option(None, "optimizer steps per epoch (default: one pass over the training set)")
+
+    def validate(self, run: RunConfig | None = None, allow_no_training: bool = False, **context) -> None:
+        super().validate()
+        positive(learning_rate=self.learning_rate, batch_size=self.batch_size, steps_per_epoch=self.steps_per_epoch)
+        if not (allow_no_training and self.train_epoch == 0):
+            positive(train_epoch=self.train_epoch)
+        fraction("weight_decay", self.weight_decay, low_open=False)
+        fraction("momentum", self.momentum, low_open=False)
+        fraction("decay_rate", self.decay_rate, high_open=False)
+        if not self.warmup_epochs >= 0:
+            raise ConfigError(f"--warmup_epochs must be >= 0, got {self.warmup_epochs}")
         points = list(self.decay_points)
         if any(not 0 < p < 1 for p in points) or points != sorted(set(points)):
             raise ConfigError(f"--decay_points must be increasing fractions in (0, 1), got {points}")
-        choices = dict(optimizer=("sgd", "adam"), schedule=("step", "cosine"),
-                       compile=("auto", "on", "off"))
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        if self.batch_size % (self.num_replicas * self.accum):
+        if run is not None and self.batch_size % (run.num_replicas * run.accum):
             raise ConfigError(f"--batch_size {self.batch_size} must be a multiple of "
-                              f"--num_replicas x --accum = {self.num_replicas * self.accum}")
-        if self.trained_param is not None and not os.path.isfile(self.trained_param):
-            raise ConfigError(f"--trained_param {self.trained_param} does not exist")
-        return self
-
-    def _validate_resrep(self) -> None:
-        for name in ("resrep_epoch", "resrep_interval", "resrep_granularity"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)!r}")
-        if not (self.resrep_lambda >= 0 and self.resrep_before_mask >= 0):
-            raise ConfigError(f"--resrep_lambda and --resrep_before_mask must be >= 0, got "
-                              f"{self.resrep_lambda} and {self.resrep_before_mask}")
-        if not 0 < self.resrep_target < 1:
-            raise ConfigError(f"--resrep_target must be in (0, 1), got {self.resrep_target}")
-        if not 0 <= self.resrep_momentum < 1:
-            raise ConfigError(f"--resrep_momentum must be in [0, 1), got {self.resrep_momentum}")
-        if self.method == "resrep" and self.optimizer != "sgd":
-            raise ConfigError("--method resrep needs --optimizer sgd (the compactors have their own momentum)")
+                              f"--num_replicas x --accum = {run.num_replicas * run.accum}")
 
 
-# Fine-tuning defaults of the pruning methods: the EKG reference's train_cifar.py.
-METHOD_PRESETS = {
-    name: dict(learning_rate=0.01, weight_decay=5e-4, decay_points=(0.3, 0.6, 0.8), decay_rate=0.2,
-               val_batch_size=256)
-    for name in ("ekg", "l1", "random")
-}
-# ResRep's reference: cosine from 0.01 to 0 without warm-up, weight decay 1e-4, and no fine-tuning
-# (the conversion is lossless); batch 64 on CIFAR and 256 on ImageNet come from the scripts' flags.
-METHOD_PRESETS["resrep"] = dict(learning_rate=0.01, schedule="cosine", warmup_epochs=0.0, weight_decay=1e-4,
-                                momentum=0.9, train_epoch=0)
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One method of the chain: its folder name (`1-ekg`), options and optimisation."""
 
-_HELP = {
-    "arch": "network, e.g. ResNet-56, ResNet-50, MobileNetV2, VGG-16",
-    "dataset": "cifar10, cifar100, imagenet or mnist",
-    "data_path": "dataset folder or archive (default: download through tf.keras.datasets)",
-    "train_path": "output folder: config.json, checkpoints, TensorBoard logs, trained_params.pkl",
-    "trained_param": "params pickle to start from ({'scope/var:0': ndarray}, EKG format)",
-    "method": "compression method to run (none = plain training; the registered methods are listed on error)",
-    "decay_points": "fractions of training at which the learning rate is multiplied by --decay_rate",
-    "steps_per_epoch": "optimizer steps per epoch (default: one pass over the training set)",
-    "gpu_id": "GPUs to use, e.g. '0' or '0,1' (default: all visible)",
-    "num_replicas": "on a CPU-only machine, split the CPU into this many replicas",
-    "accum": "micro-batches per step (gradient accumulation; equals the large batch)",
-    "compile": "XLA for the per-replica step: auto (on with a GPU, off on CPU), on or off",
-    "recompute": "recompute each network segment's activations in the backward pass instead of keeping "
-                 "them (same results; ResNets train in about a quarter of the activation memory for "
-                 "about a third more compute)",
-    "do_log": "steps between logged / TensorBoard step scalars",
-    "ckpt_every_steps": "also checkpoint every this many steps (default: every epoch)",
-    "resume": "continue the run in --train_path from its last checkpoint",
-    "stop_after": "stop after this stage of the method (e.g. search); --resume continues the run later",
-    "search_target_rate": "stop the search when FLOPs (EKG convention) reach this fraction of the original",
-    "search_step": "EKG width step of a gate (divided by the number of times its group is used)",
-    "search_round_to": "keep every searched width a multiple of this (8 or 16: kernels run on full channel "
-                       "blocks, so FLOPs saved become time saved); 1 = EKG's widths",
-    "search_cache_mb": "memory for the search's cached segment inputs (candidates restart from them; "
-                       "with less, fewer are cached and more is recomputed; same results)",
-    "knowledge": "fine-tune with memory-bank distillation (--no-knowledge: plain cross-entropy)",
-    "temperature": "distillation temperature (0: 4, or 10 with >= 1000 classes)",
-    "train_epoch": "training epochs (with --method resrep: fine-tuning after the conversion, 0 = none)",
-    "resrep_epoch": "ResRep: epochs of training with compactors (the --learning_rate schedule spans them)",
-    "resrep_lambda": "ResRep: group-lasso strength on the compactor rows",
-    "resrep_interval": "ResRep: steps between mask updates",
-    "resrep_before_mask": "ResRep: epochs of lasso only before the first mask update",
-    "resrep_target": "ResRep: keep this fraction of the FLOPs (EKG convention)",
-    "resrep_granularity": "ResRep: rows one mask update may close beyond those already closed, while above target",
-    "resrep_momentum": "ResRep: SGD momentum of the compactors (they get no weight decay)",
-    "resrep_streams": "ResRep: also compact groups written by several convs, i.e. residual streams "
-                      "(--no-resrep_streams: only single-writer groups, the paper's internal layers)",
-}
+    name: str
+    method: str
+    options: Options
+    optim: OptimConfig
 
 
-def _parser(defaults: Config, description: str) -> argparse.ArgumentParser:
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The run: its own options and its chain of steps."""
+
+    run: RunConfig
+    steps: tuple
+
+    def step(self, name: str) -> Step:
+        return next(s for s in self.steps if s.name == name)
+
+    def to_dict(self) -> dict:
+        return {"run": self.run.to_dict(),
+                "steps": [{"name": s.name, "method": s.method, "options": s.options.to_dict(),
+                           "optim": s.optim.to_dict()} for s in self.steps]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def comparable(self) -> dict:
+        """`to_dict()` without the run-control options (those may differ on `--resume`)."""
+        out = self.to_dict()
+        for name in run_control_fields(RunConfig):
+            out["run"].pop(name, None)
+        for entry, step in zip(out["steps"], self.steps):
+            for name in run_control_fields(type(step.options)):
+                entry["options"].pop(name, None)
+        return out
+
+
+# === Building a Config ===
+def _fields(owner) -> set:
+    return {f.name for f in dataclasses.fields(owner)}
+
+
+def _method_table():
+    from codebase.methods import get_method, method_names
+
+    return {name: get_method(name) for name in method_names()}
+
+
+def option_owners(methods: dict) -> dict:
+    """`{option field: [method names]}` over every registered method."""
+    owners: dict = {}
+    for name, cls in methods.items():
+        for field in _fields(cls.Options):
+            owners.setdefault(field, []).append(name)
+    return owners
+
+
+def _read_config_file(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            overlay = json.load(f)
+    except OSError as err:
+        raise ConfigError(f"--config {path}: cannot read it ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--config {path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(overlay, dict):
+        raise ConfigError(f"--config {path}: expected a JSON object of config fields, got {type(overlay).__name__}")
+    return overlay
+
+
+def make_config(values: dict, flags: dict, where: str = "config", script: dict | None = None) -> Config:
+    """Build and validate a Config from a `--config`-style dict and the given flags (see the
+    module docstring for the precedence). `script` holds the script's own run defaults."""
+    methods = _method_table()
+    owners = option_owners(methods)
+    run_names, optim_names = _fields(RunConfig), _fields(OptimConfig)
+    known = run_names | optim_names | set(owners) | {"steps"}
+    for source, mapping in ((where, values), ("flags", flags)):
+        unknown = sorted(set(mapping) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field {unknown[0]!r}")
+
+    run_values = {**(script or {}), **{k: v for k, v in values.items() if k in run_names},
+                  **{k: v for k, v in flags.items() if k in run_names}}
+    entries = values.get("steps")
+    if entries is not None:
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and "method" in e for e in entries):
+            raise ConfigError(f"{where}: steps must be a list of objects with a 'method'")
+        chain = ",".join(str(e["method"]) for e in entries)
+        if "method" in flags and flags["method"].replace(" ", "") != chain:
+            raise ConfigError(f"--method {flags['method']} differs from the steps of {where} ({chain}); give one")
+        run_values["method"] = chain
+    run = build(RunConfig, run_values, where)
+    chain = run.methods()
+    for name in chain:
+        if name not in methods:
+            raise ConfigError(f"unknown --method {name!r}; known: {', '.join(methods)}")
+    entries = entries or [{"method": name} for name in chain]
+
+    used = {field for name in chain for field in _fields(methods[name].Options)}
+    for source, mapping in ((where, values), ("flags", flags)):
+        for field in sorted(set(mapping) & set(owners) - used):
+            owner = " / ".join(f"--method {m}" for m in owners[field])
+            flag = f"--{field}" if source == "flags" else f"field {field!r}"
+            raise ConfigError(f"{source}: {flag} is an option of {owner}, which this run does not use")
+
+    steps = []
+    pretrained = run.trained_param is not None
+    first = methods[chain[0]]
+    if first.needs_trained and not pretrained:
+        steps.append(baseline_step(run, flags, values))
+        pretrained = True
+    for index, (name, entry) in enumerate(zip(chain, entries), start=1):
+        cls = methods[name]
+        unknown = sorted(set(entry) - {"method"} - optim_names - _fields(cls.Options))
+        if unknown:
+            raise ConfigError(f"{where}: step {index} ({name}) has no field {unknown[0]!r}")
+        optim = {**presets.recipe(run.dataset, cls.recipe_for(pretrained)), **cls.optim_defaults(run.dataset)}
+        for source in (values, entry, flags):
+            optim.update({k: v for k, v in source.items() if k in optim_names})
+        opts = {}
+        for source in (values, entry, flags):
+            opts.update({k: v for k, v in source.items() if k in _fields(cls.Options)})
+        steps.append(Step(f"{index}-{name}", name, build(cls.Options, opts, where), build(OptimConfig, optim, where)))
+        pretrained = pretrained or cls.produces_trained
+    return validate(Config(run, tuple(steps)))
+
+
+def baseline_step(run: RunConfig, flags: dict, values: dict) -> Step:
+    """The `0-baseline` step: plain training from scratch with the dataset's scratch recipe,
+    `--baseline_epoch` epochs at `--baseline_learning_rate`; the batch size, optimizer and
+    steps per epoch of the run's flags and config apply to it too."""
+    from codebase.methods import get_method
+
+    optim = presets.recipe(run.dataset, "scratch")
+    for source in (values, flags):
+        optim.update({k: v for k, v in source.items() if k in ("batch_size", "optimizer", "steps_per_epoch")})
+    optim["train_epoch"] = run.baseline_epoch
+    if run.baseline_learning_rate is not None:
+        optim["learning_rate"] = run.baseline_learning_rate
+    return Step("0-baseline", "none", get_method("none").Options(), build(OptimConfig, optim, "baseline"))
+
+
+def validate(cfg: Config) -> Config:
+    """Every option's checks, then each method's checks of its place in the chain."""
+    from codebase.methods import get_method
+
+    cfg.run.validate()
+    for index, step in enumerate(cfg.steps):
+        cls = get_method(step.method)
+        step.optim.validate(run=cfg.run, allow_no_training=cls.trains_optional(step.options))
+        step.options.validate(run=cfg.run, optim=step.optim)
+        cls.check_chain(cfg, index)
+    return cfg
+
+
+def _parser(description: str, script: dict) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", help="JSON file of config fields (flags override it)")
-    for field in dataclasses.fields(Config):
-        default = getattr(defaults, field.name)
-        flag, help_ = f"--{field.name}", _HELP.get(field.name, "") + f" (default: {default})"
-        if field.type == "bool" or isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        elif field.name == "decay_points":
-            parser.add_argument(flag, type=float, nargs="+", default=None, help=help_)
-        else:
-            kind = {"float": float, "int": int}.get(field.type.replace("Optional[", "").rstrip("]"), str)
-            parser.add_argument(flag, type=kind, default=None, help=help_)
+    parser.add_argument("--config", help="JSON file of config fields, and optionally a 'steps' list of per-step "
+                                         "objects ({'method': ..., fields}); flags override it")
+    methods = _method_table()
+    seen = set()
+    groups = [("run and engine", RunConfig, script), ("optimisation of each step (default: the dataset's recipe "
+                                                      "for the method, see codebase/presets.py)", OptimConfig, {})]
+    groups += [(f"--method {name}", cls.Options, {}) for name, cls in methods.items()]
+    for title, owner, defaults in groups:
+        group = parser.add_argument_group(title)
+        hints = {f.name: f for f in dataclasses.fields(owner)}
+        for name, field in hints.items():
+            if name in seen:
+                continue
+            seen.add(name)
+            _add_flag(group, owner, field, defaults.get(name, field.default))
     return parser
 
 
-def parse_config(argv: Sequence[str] | None, preset: Config = Config(), description: str = "") -> Config:
-    """Build the frozen config from a preset, an optional JSON file and the flags."""
-    args = vars(_parser(preset, description).parse_args(argv))
-    values = dataclasses.asdict(preset)
-    values.update(METHOD_PRESETS.get(args["method"] or preset.method, {}))
+def _add_flag(group, owner, field, default) -> None:
+    from codebase.options import field_kind
+
+    kind, _, sequence = field_kind(field, owner)
+    help_ = field.metadata.get("help", "") + f" (default: {default})"
+    flag = f"--{field.name}"
+    if kind is bool:
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+    elif sequence:
+        group.add_argument(flag, type=kind, nargs="+", default=None, help=help_)
+    else:
+        group.add_argument(flag, type=kind, default=None, help=help_)
+
+
+def parse_config(argv: Sequence[str] | None, script: dict | None = None, description: str = "") -> Config:
+    """The frozen config of a script's command line (`script`: its own run defaults)."""
+    script = dict(script or {})
+    args = vars(_parser(description, script).parse_args(argv))
     config_file = args.pop("config")
-    if config_file:
-        try:
-            with open(config_file) as f:
-                overlay = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
-            raise ConfigError(f"--config {config_file}: cannot read it ({err})") from None
-        unknown = sorted(set(overlay) - set(values))
-        if unknown:
-            raise ConfigError(f"--config {config_file}: unknown field {unknown[0]!r}")
-        values.update(overlay)
-    values.update({k: v for k, v in args.items() if v is not None})
-    values["decay_points"] = tuple(values["decay_points"])
-    return Config(**values).validate()
+    flags = {k: v for k, v in args.items() if v is not None}
+    values = _read_config_file(config_file) if config_file else {}
+    return make_config(values, flags, where=f"--config {config_file}" if config_file else "config", script=script)
 
 
 def load_config(path: str) -> Config:
-    """Read a saved `config.json` back into a Config."""
-    with open(path) as f:
-        values = json.load(f)
-    values["decay_points"] = tuple(values["decay_points"])
-    return Config(**values)
+    """Read a run's saved `config.json` back into a Config."""
+    from codebase.methods import get_method
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        run = build(RunConfig, saved["run"], path)
+        steps = tuple(Step(s["name"], s["method"], build(get_method(s["method"]).Options, s["options"], path),
+                           build(OptimConfig, s["optim"], path)) for s in saved["steps"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path}: not a config.json of this toolkit ({type(err).__name__}: {err})") from None
+    return Config(run, steps)
+
+
+def flags_markdown() -> str:
+    """The flags reference of `docs/usage.md`, generated from the option declarations."""
+    from codebase.options import field_kind
+
+    methods = _method_table()
+    sections = [("Run and engine", RunConfig), ("Optimisation of each step", OptimConfig)]
+    sections += [(f"`--method {name}`", cls.Options) for name, cls in methods.items()]
+    seen, lines = set(), []
+    for title, owner in sections:
+        rows = []
+        for field in dataclasses.fields(owner):
+            if field.name in seen:
+                continue
+            seen.add(field.name)
+            kind, optional, sequence = field_kind(field, owner)
+            default = field.default
+            shown = "-" if default is None else " ".join(map(str, default)) if sequence else str(default)
+            flag = f"--[no-]{field.name}" if kind is bool else f"--{field.name}"
+            rows.append(f"| `{flag}` | {shown} | {field.metadata.get('help', '')} |")
+        if rows:
+            lines += [f"### {title}", "", "| flag | default | meaning |", "|---|---|---|", *rows, ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    print(flags_markdown(), end="")

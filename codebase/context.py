@@ -1,59 +1,40 @@
-"""RunContext: what every stage of every method is given.
+"""RunContext and StepContext: what every stage of every method is given.
 
-It builds the strategy, the data and the nets from the frozen config, and offers `train()`,
-the one way a method trains anything: the engine's Trainer and loop with the run's strategy,
-XLA choice, accumulation, schedule and checkpoints. Methods supply a loss and, if they need
-it, a gradient transform; they never touch the strategy, XLA or accumulation themselves.
+`RunContext` builds the strategy, the data and the nets from the frozen config and offers
+`train()`, the one way a method trains anything: the engine's Trainer and loop with the run's
+strategy, XLA choice, accumulation, schedule and checkpoints. Methods supply a task
+(`op_utils.task`: what is trained, its loss, gradient transform and optimizer overrides) and an
+`OptimConfig`; they never touch the strategy, XLA or accumulation themselves.
+
+`StepContext` is one step of the chain: its folder, options, optimisation, the net it starts
+from (the previous step's output, `--trained_param`, or a fresh net) and where it writes its own.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import os
 
 import numpy as np
 
 import nets
-from codebase.config import Config
+from nets.base import Net
+from codebase.artifacts import load_net, read_spec, save_net
+from codebase.config import Config, OptimConfig, Step
 from dataloader import build_dataset
 from op_utils import loop, optim, schedules
+from op_utils.evaluate import Evaluator
 from op_utils.strategy import make_strategy, resolve_xla
-from op_utils.trainer import Trainer, softmax_cross_entropy
-from utils.atomic import atomic_write_json
+from op_utils.task import Classify
+from op_utils.trainer import Trainer
+from utils.devices import describe_devices
 from utils.errors import ConfigError
 from utils.logs import get_logger
-from utils.params_io import load_params, save_params
 
 log = get_logger(__name__)
 
-
-def spec_path(params_path: str) -> str:
-    """The width-spec file saved beside a params pickle: `x.pkl` -> `x.arch.json`."""
-    return os.path.splitext(params_path)[0] + ".arch.json"
-
-
-def save_net(net, path: str) -> None:
-    """Write the params pickle and, beside it, the spec that rebuilds the architecture."""
-    save_params(path, net.get_params())
-    atomic_write_json(spec_path(path), net.spec())
-
-
-def load_net(arch: str, path: str, masked: bool = False, **config):
-    """Rebuild a (possibly slimmed) net from a params pickle, with or without its spec file."""
-    params = load_params(path)
-    spec_file = spec_path(path)
-    if os.path.isfile(spec_file):
-        with open(spec_file) as f:
-            spec = json.load(f)
-        if nets.lookup(spec["arch"])[0] != nets.lookup(arch)[0]:
-            raise ConfigError(f"{path} holds a {spec['arch']} (see {spec_file}), not --arch {arch}")
-        net = nets.build(spec["arch"], widths=spec["widths"], masked=masked, **{**spec["config"], **config})
-        if spec.get("compactors"):
-            net.add_compactors(spec["compactors"])  # a ResRep net saved while training
-        net.set_params(params)
-        return net
-    return nets.build_from_params(arch, params, masked=masked, **config)
+OUTPUT = "trained_params.pkl"  # every step's output net, and the run's final one at the top
 
 
 class RunContext:
@@ -61,111 +42,174 @@ class RunContext:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.strategy = make_strategy(cfg.gpu_id, cfg.num_replicas)
-        self.xla = resolve_xla(cfg.compile)
-        self.data = build_dataset(cfg.dataset, cfg.data_path)
+        run = cfg.run
+        self.strategy = make_strategy(run.gpu_id, run.num_replicas)
+        self.xla = resolve_xla(run.compile)
+        options = {}
+        if run.image_size is not None:
+            if run.dataset.lower() != "imagenet":
+                raise ConfigError(f"--image_size applies to --dataset imagenet, not {run.dataset}")
+            options["image_size"] = run.image_size
+        self.data = build_dataset(run.dataset, run.data_path, **options)
         self.info = self.data.info
-        os.makedirs(cfg.train_path, exist_ok=True)
+        self.devices = describe_devices(self.strategy)
+        os.makedirs(run.train_path, exist_ok=True)
 
     # === Nets ===
     def net_config(self) -> dict:
         return dict(num_classes=self.info.num_classes, input_size=self.info.image_shape[0])
 
-    def build_net(self, masked: bool = False, widths=None):
-        """The configured architecture, built in the strategy's scope."""
+    def build_net(self, masked: bool = False, widths=None, arch: str | None = None):
+        """The configured architecture (or `arch`), built in the strategy's scope."""
         with self.strategy.scope():
-            return nets.build(self.cfg.arch, widths=widths, masked=masked, **self.net_config())
+            return nets.build(arch or self.cfg.run.arch, widths=widths, masked=masked, **self.net_config())
 
-    def load_net(self, path: str, masked: bool = False):
-        with self.strategy.scope():
-            return load_net(self.cfg.arch, path, masked=masked, **self.net_config())
+    def load_net(self, path: str, masked: bool = False, arch: str | None = None, local: bool = False,
+                 any_arch: bool = False):
+        """A saved net (params pickle, spec, transform state), in the strategy's scope unless `local`.
+
+        It must be an `arch` (default `--arch`); with `any_arch`, a spec beside the pickle decides
+        (a teacher of another architecture), and `arch` or `--arch` only rebuilds a pickle without one.
+        """
+        if any_arch and arch is None and read_spec(path) is not None:
+            expected = None
+        else:
+            expected = arch or self.cfg.run.arch
+        with contextlib.nullcontext() if local else self.strategy.scope():
+            return load_net(expected, path, masked=masked, **self.net_config())
 
     def copy_net(self, net, masked: bool = False, local: bool = False):
-        """A new net of the same architecture and widths holding `net`'s params.
+        """A new net of the same architecture, widths and transforms holding `net`'s params.
 
         `local=True` builds it outside the strategy (plain variables on the default device), for
         host-driven single-device work such as a search.
         """
         with contextlib.nullcontext() if local else self.strategy.scope():
             new = nets.build_from_spec(net.spec(), masked=masked)
-            if net.compactors:
-                new.add_compactors(list(net.compactors))
         new.set_params(net.get_params())
+        new.load_transform_state(net.transform_state())
         return new
 
-    def path(self, name: str) -> str:
-        return os.path.join(self.cfg.train_path, name)
-
     # === Training and evaluation ===
-    def steps_per_epoch(self) -> int:
-        return self.cfg.steps_per_epoch or self.data.steps_per_epoch(self.cfg.batch_size)
+    def steps_per_epoch(self, optim_cfg: OptimConfig) -> int:
+        steps = optim_cfg.steps_per_epoch or self.data.steps_per_epoch(optim_cfg.batch_size)
+        if steps < 1:
+            raise ConfigError(f"--batch_size {optim_cfg.batch_size} exceeds the {self.info.num_train} training "
+                              "examples: no step in an epoch")
+        return steps
 
-    def make_optimizer(self, epochs: int, learning_rate: float | None = None, steps_per_epoch: int | None = None,
-                       constant: bool = False, overrides=None):
-        """The run's optimizer and schedule; `overrides` gives variables their own hyperparameters
-        (see `op_utils.optim.Optimizer`)."""
-        cfg = self.cfg
-        steps_per_epoch = steps_per_epoch or self.steps_per_epoch()
-        total = max(1, epochs * steps_per_epoch)
-        lr = learning_rate if learning_rate is not None else cfg.learning_rate
-        warmup = int(cfg.warmup_epochs * steps_per_epoch)
-        if constant:
+    def make_optimizer(self, optim_cfg: OptimConfig, steps_per_epoch: int):
+        """The step's optimizer and schedule over `optim_cfg.train_epoch` epochs."""
+        total = max(1, optim_cfg.train_epoch * steps_per_epoch)
+        lr = optim_cfg.learning_rate
+        warmup = int(optim_cfg.warmup_epochs * steps_per_epoch)
+        if optim_cfg.schedule == "constant":
             schedule = lr
-        elif cfg.schedule == "cosine":
+        elif optim_cfg.schedule == "cosine":
             schedule = schedules.Cosine(lr, total, warmup_steps=warmup)
         else:
-            schedule = schedules.StepDecay(lr, total, cfg.decay_points, cfg.decay_rate, warmup_steps=warmup)
-        if cfg.optimizer == "adam":
-            return optim.Adam(schedule, weight_decay=cfg.weight_decay, overrides=overrides)
-        return optim.SGD(schedule, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay,
-                         overrides=overrides)
+            schedule = schedules.StepDecay(lr, total, optim_cfg.decay_points, optim_cfg.decay_rate,
+                                           warmup_steps=warmup)
+        if optim_cfg.optimizer == "adam":
+            return optim.Adam(schedule, weight_decay=optim_cfg.weight_decay)
+        return optim.SGD(schedule, momentum=optim_cfg.momentum, nesterov=True, weight_decay=optim_cfg.weight_decay)
 
-    def trainer(self, net, epochs: int, loss_fn=softmax_cross_entropy, grad_transform=None,
-                learning_rate: float | None = None, steps_per_epoch: int | None = None,
-                constant_lr: bool = False, optimizer_overrides=None, recompute: bool | None = None) -> Trainer:
-        """A trainer for `net`; `recompute` (default: `--recompute`) is passed to `net.set_recompute`."""
+    def trainer(self, task, optim_cfg: OptimConfig, steps_per_epoch: int, recompute: bool | None = None) -> Trainer:
+        """A trainer for `task`; `recompute` (default: `--recompute`) is passed to the trained net."""
         with self.strategy.scope():
-            optimizer = self.make_optimizer(epochs, learning_rate, steps_per_epoch, constant_lr, optimizer_overrides)
-        net.set_recompute(self.cfg.recompute if recompute is None else recompute)
-        return Trainer(self.strategy, net, optimizer, global_batch_size=self.cfg.batch_size,
-                       accum=self.cfg.accum, loss_fn=loss_fn, grad_transform=grad_transform, xla=self.xla)
+            optimizer = self.make_optimizer(optim_cfg, steps_per_epoch)
+        model = task.eval_model
+        if model is not None and hasattr(model, "set_recompute"):
+            model.set_recompute(self.cfg.run.recompute if recompute is None else recompute)
+        return Trainer(self.strategy, task, optimizer, global_batch_size=optim_cfg.batch_size,
+                       accum=self.cfg.run.accum, xla=self.xla)
 
-    def train_data_fn(self, augment: bool = True):
-        cfg, data = self.cfg, self.data
+    def train_data_fn(self, optim_cfg: OptimConfig, augment: bool = True):
+        run, data = self.cfg.run, self.data
 
         def fn(epoch, ctx):
-            return data.train(ctx.get_per_replica_batch_size(cfg.batch_size), epoch, cfg.seed, augment=augment,
+            return data.train(ctx.get_per_replica_batch_size(optim_cfg.batch_size), epoch, run.seed, augment=augment,
                               num_shards=ctx.num_input_pipelines, shard_index=ctx.input_pipeline_id)
 
         return fn
 
-    def train(self, net, epochs: int, stage: str, loss_fn=softmax_cross_entropy, grad_transform=None,
-              train_data_fn=None, on_epoch_end=None, learning_rate: float | None = None,
-              steps_per_epoch: int | None = None, constant_lr: bool = False, optimizer_overrides=None,
-              on_step_end=None, recompute: bool | None = None) -> dict:
-        """Train `net` for `epochs` epochs; checkpoints and logs go to `<train_path>/<stage>`.
+    def train(self, task, optim_cfg: OptimConfig, folder: str, data_fn=None, on_epoch_end=None, on_step_end=None,
+              recompute: bool | None = None, evaluate: bool = True) -> dict:
+        """Train `task` for `optim_cfg.train_epoch` epochs; checkpoints and TensorBoard go to `folder`.
 
-        `optimizer_overrides` and `on_step_end` are passed to the optimizer and to `loop.fit`,
-        `recompute` to `trainer`.
+        A plain net is trained as `Classify(net)`. `on_epoch_end` / `on_step_end` are `op_utils.loop.fit`'s
+        hooks; `evaluate=False` skips the per-epoch test-set evaluation (tasks without a classifier).
         """
-        steps_per_epoch = steps_per_epoch or self.steps_per_epoch()
-        trainer = self.trainer(net, epochs, loss_fn, grad_transform, learning_rate, steps_per_epoch, constant_lr,
-                               optimizer_overrides, recompute)
-        return loop.fit(trainer, train_data_fn or self.train_data_fn(), epochs=epochs,
-                        steps_per_epoch=steps_per_epoch, train_path=self.path(stage),
-                        eval_data=self.data.test(self.cfg.val_batch_size), resume=self.cfg.resume,
-                        ckpt_every_steps=self.cfg.ckpt_every_steps, on_epoch_end=on_epoch_end,
-                        log_every_steps=self.cfg.do_log, on_step_end=on_step_end)
+        if isinstance(task, Net):
+            task = Classify(task)
+        steps_per_epoch = self.steps_per_epoch(optim_cfg)
+        trainer = self.trainer(task, optim_cfg, steps_per_epoch, recompute)
+        eval_data = self.data.test(self.cfg.run.val_batch_size) if evaluate and task.eval_model is not None else None
+        return loop.fit(trainer, data_fn or self.train_data_fn(optim_cfg), epochs=optim_cfg.train_epoch,
+                        steps_per_epoch=steps_per_epoch, train_path=folder, eval_data=eval_data,
+                        resume=self.cfg.run.resume, ckpt_every_steps=self.cfg.run.ckpt_every_steps,
+                        on_epoch_end=on_epoch_end, log_every_steps=self.cfg.run.do_log, on_step_end=on_step_end)
 
     def evaluate(self, net) -> dict:
-        """Top-1, top-5 and loss on the test set with moving statistics."""
-        trainer = self.trainer(net, 1)
-        return trainer.evaluate(self.data.test(self.cfg.val_batch_size))
+        """Top-1, top-5 and loss on the test set with moving statistics (no optimizer involved)."""
+        return Evaluator(self.strategy, net, self.xla).evaluate(self.data.test(self.cfg.run.val_batch_size))
 
     def describe(self, net) -> str:
-        return f"{self.cfg.arch}: {net.cost().describe()}"
+        return f"{net.arch}: {net.cost().describe()}"
+
+
+class StepContext:
+    """One step of the chain (see the module docstring).
+
+    Attributes:
+        ctx: the RunContext.
+        step: the step's config (`name`, `method`, `options`, `optim`).
+        index: its position in the chain (0 is the baseline when there is one).
+        input: the params pickle of the net it starts from, or None (build a fresh net).
+        origin: the params pickle the whole chain started from (`--trained_param` or the
+            baseline's output), or None; the unpruned teacher of a distillation step.
+        next_trains: whether the following step trains the net this step produces.
+        dir: the step's folder, `<train_path>/<name>`.
+    """
+
+    def __init__(self, ctx: RunContext, step: Step, index: int, input_path: str | None, origin: str | None,
+                 next_trains: bool):
+        self.ctx, self.step, self.index = ctx, step, index
+        self.input, self.origin, self.next_trains = input_path, origin, next_trains
+        self.options, self.optim = step.options, step.optim
+        self.run = ctx.cfg.run
+        self.dir = os.path.join(self.run.train_path, step.name)
+        os.makedirs(self.dir, exist_ok=True)
+
+    @property
+    def output(self) -> str:
+        return self.path(OUTPUT)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def start_net(self, masked: bool = False, local: bool = False):
+        """The net this step starts from: its input if it has one, else a fresh net."""
+        if self.input is not None:
+            return self.ctx.load_net(self.input, masked=masked, local=local)
+        if local:
+            return nets.build(self.run.arch, masked=masked, **self.ctx.net_config())
+        return self.ctx.build_net(masked=masked)
+
+    def save(self, net, name: str = OUTPUT) -> str:
+        path = self.path(name)
+        save_net(net, path)
+        return path
+
+    def train(self, task, stage: str, optim_cfg: OptimConfig | None = None, **kwargs) -> dict:
+        """`RunContext.train` with this step's optimisation (or `optim_cfg`), into `<step>/<stage>`."""
+        return self.ctx.train(task, optim_cfg or self.optim, self.path(stage), **kwargs)
+
+    def optim_with(self, **changes) -> OptimConfig:
+        return dataclasses.replace(self.optim, **changes)
 
 
 def finite(logs: dict) -> dict:
-    """Plain floats for JSON."""
-    return {k: float(v) if isinstance(v, (float, np.floating, int, np.integer)) else v for k, v in logs.items()}
+    """Plain Python numbers for JSON (integers stay integers)."""
+    return {k: int(v) if isinstance(v, (int, np.integer)) else float(v) if isinstance(v, (float, np.floating)) else v
+            for k, v in logs.items()}

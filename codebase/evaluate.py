@@ -1,4 +1,4 @@
-"""`test.py`: accuracy, loss, complexity and latency of a (possibly slimmed) params pickle."""
+"""`test.py`: accuracy, loss, complexity and latency of a saved (possibly slimmed) net."""
 
 from __future__ import annotations
 
@@ -11,11 +11,14 @@ from utils.errors import ConfigError
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Evaluate a params pickle.")
-    p.add_argument("--arch", default="ResNet-56")
+    p = argparse.ArgumentParser(description="Evaluate a saved net (params pickle, with its spec if it has one).")
+    p.add_argument("--arch", default=None, help="architecture (default: from the .arch.json beside the pickle, "
+                                                "else ResNet-56)")
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--data_path", default=None)
-    p.add_argument("--trained_param", required=True, help="params pickle ({'scope/var:0': ndarray})")
+    p.add_argument("--image_size", type=int, default=None, help="ImageNet: evaluate at this input size")
+    p.add_argument("--trained_param", required=True, help="params pickle ({'scope/var:0': ndarray}); any step's "
+                                                          "<train_path>/<step>/trained_params.pkl")
     p.add_argument("--val_batch_size", type=int, default=250)
     p.add_argument("--batch_size", type=int, default=1, help="batch size of the latency measurement")
     p.add_argument("--latency_runs", type=int, default=20)
@@ -30,6 +33,8 @@ def parse_args(argv):
     for name in ("val_batch_size", "batch_size", "latency_runs", "num_replicas", "pad_to"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.image_size is not None and args.image_size < 1:
+        raise ConfigError(f"--image_size must be positive, got {args.image_size}")
     if not os.path.isfile(args.trained_param):
         raise ConfigError(f"--trained_param {args.trained_param} does not exist")
     return args
@@ -52,27 +57,29 @@ def measure_latency(net, batch_size: int, input_shape, runs: int, xla: bool) -> 
 
 
 def evaluate(args) -> dict:
-    from codebase.context import load_net
+    from codebase.artifacts import load_net, read_spec
     from dataloader import build_dataset
+    from op_utils.evaluate import Evaluator
     from op_utils.strategy import make_strategy, resolve_xla
-    from op_utils.optim import SGD
-    from op_utils.trainer import Trainer
+    from utils.devices import describe_devices
 
     strategy = make_strategy(args.gpu_id, args.num_replicas)
     xla = resolve_xla(args.compile)
-    data = build_dataset(args.dataset, args.data_path)
+    options = {} if args.image_size is None else {"image_size": args.image_size}
+    data = build_dataset(args.dataset, args.data_path, **options)
     info = data.info
+    arch = args.arch or (None if read_spec(args.trained_param) else "ResNet-56")
     with strategy.scope():
-        net = load_net(args.arch, args.trained_param, num_classes=info.num_classes, input_size=info.image_shape[0])
+        net = load_net(arch, args.trained_param, num_classes=info.num_classes, input_size=info.image_shape[0])
         if args.pad_to > 1:
             from nets import pad_channels
 
             net = pad_channels(net, args.pad_to)
-        trainer = Trainer(strategy, net, SGD(0.1), global_batch_size=args.num_replicas, xla=xla)
-    metrics = trainer.evaluate(data.test(args.val_batch_size))
+    metrics = Evaluator(strategy, net, xla).evaluate(data.test(args.val_batch_size))
     cost = net.cost()
+    devices = describe_devices(strategy)
     result = {
-        "arch": args.arch, "trained_param": args.trained_param,
+        "arch": net.arch, "trained_param": args.trained_param,
         "top1": float(metrics["top1"]), "top5": float(metrics["top5"]), "loss": float(metrics["loss"]),
         "count": int(metrics["count"]),
         "params": cost.params, "macs": cost.macs, "flops": cost.ekg_flops, "ekg_params": cost.ekg_params,
@@ -80,12 +87,13 @@ def evaluate(args) -> dict:
         "widths": net.widths(), "pad_to": args.pad_to,
         "latency_ms": measure_latency(net, args.batch_size, info.image_shape, args.latency_runs, xla),
         "batch_size": args.batch_size, "device": "GPU" if "GPU" in strategy.extended.worker_devices[0] else "CPU",
+        "devices": devices,
     }
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{args.arch} {args.trained_param}: top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}, "
+        print(f"{net.arch} {args.trained_param}: top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}, "
               f"loss {result['loss']:.4f} on {result['count']} test images")
         print(cost.describe())
-        print(f"latency {result['latency_ms']:.2f} ms at batch {args.batch_size} on {result['device']}")
+        print(f"latency {result['latency_ms']:.2f} ms at batch {args.batch_size} on {'; '.join(devices)}")
     return result

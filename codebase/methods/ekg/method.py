@@ -1,12 +1,14 @@
 """`--method ekg`: warm-up, greedy search, memory bank, memory-bank KD fine-tuning, test.
 
-Every stage saves its artefacts in `--train_path` before it is marked done; the search saves
+Every stage saves its artefacts in the step's folder before it is marked done; the search saves
 its state after every accepted step (`search_state.json`), so `--resume` continues an
-interrupted search at its last accepted step.
+interrupted search at its last accepted step. When the next step of the chain trains the net
+(`--method ekg,kd`), the memory bank and the fine-tuning are left to it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -14,21 +16,54 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from codebase.context import save_net
+from codebase import stages
 from codebase.methods.base import Stage, register
-from codebase.methods.ekg.memory_bank import build_memory_bank, pick_teachers
-from codebase.methods.ekg.search import GreedySearch, SearchState
-from codebase.methods.pruning import PruningMethod, inference_arrays, log
+from codebase.methods.ekg.memory_bank import build_memory_bank, teacher_settings
+from codebase.methods.ekg.search import GreedySearch, SearchState, uses_renorm
+from codebase.methods.pruning import Batched, FlopsTarget, PruneMethod
+from codebase.options import option, positive
 from dataloader import SideData
 from op_utils.losses import kl_t, select_teachers
+from op_utils.task import Classify
 from utils.atomic import atomic_open, atomic_write_json
-from utils.logs import Scalars
+from utils.errors import ConfigError
+from utils.logs import Scalars, get_logger
 from utils.memory import describe_resident, release_freed_memory
+
+log = get_logger(__name__)
 
 WARM, STATE, BANK = "warmup_params.pkl", "search_state.json", "knowledge.npy"
 # Streamed training sets (ImageNet): the labels scanned once, and the bank as a raw float16 file
 # beside its description, read shard by shard with the images while fine-tuning.
 LABELS, BANK_RAW, BANK_META = "train_labels.npy", "knowledge.f16", "knowledge.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class EKGOptions(FlopsTarget, Batched):
+    """EKG's options (defaults: the reference's `train_cifar.py`)."""
+
+    search_step: float = option(0.2, "EKG width step of a gate (divided by the number of times its group is used)")
+    search_round_to: int = option(1, "keep every searched width a multiple of this (8 or 16: kernels run on full "
+                                     "channel blocks, so FLOPs saved become time saved); 1 = EKG's widths")
+    search_cache_mb: int = option(256, "memory for the search's cached segment inputs (candidates restart from "
+                                       "them; with less, fewer are cached and more is recomputed; same results)",
+                                  run_control=True)
+    search_train_per_class: int = option(256, "warm-up subset: the first images of each class")
+    search_val_per_class: int = option(32, "search-validation subset: the last images of each class")
+    search_warmup_lr: float = option(1e-3, "learning rate of the one-epoch warm-up on the warm-up subset")
+    num_teacher: int = option(5, "interim sub-networks in the memory bank")
+    knowledge: bool = option(True, "fine-tune with memory-bank distillation (--no-knowledge: plain cross-entropy)")
+    temperature: float = option(0.0, "memory-bank distillation temperature (0: 4, or 10 with >= 1000 classes)")
+
+    def validate(self, **context) -> None:
+        super().validate(**context)
+        if not 0 < self.search_step <= 1:
+            raise ConfigError(f"--search_step must be in (0, 1], got {self.search_step}")
+        positive(search_round_to=self.search_round_to, search_cache_mb=self.search_cache_mb,
+                 search_train_per_class=self.search_train_per_class, search_val_per_class=self.search_val_per_class,
+                 num_teacher=self.num_teacher, search_warmup_lr=self.search_warmup_lr)
+        if self.temperature < 0:
+            raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
 
 
 def search_subsets(labels, train_per_class: int, val_per_class: int, seed: int = 1):
@@ -72,14 +107,19 @@ def memory_bank_loss(bank, temperature: float):
 
 
 @register("ekg")
-class EKG(PruningMethod):
+class EKG(PruneMethod):
+    Options = EKGOptions
+
     def stages(self):
-        return [Stage("baseline", self.baseline), Stage("warmup", self.warmup), Stage("search", self.search),
-                Stage("memory_bank", self.memory_bank), Stage("finetune", self.finetune), Stage("test", self.test)]
+        head = [Stage("warmup", self.warmup), Stage("search", self.search)]
+        if self.step.next_trains:
+            return [*head, Stage("test", self.test)]
+        return [*head, Stage("memory_bank", self.memory_bank), Stage("finetune", self.finetune),
+                Stage("test", self.test)]
 
     def _labels(self):
-        """Training labels; a streamed set's are scanned once and kept in the run folder."""
-        data, path = self.ctx.data, self.ctx.path(LABELS)
+        """Training labels; a streamed set's are scanned once and kept in the step's folder."""
+        data, path = self.ctx.data, self.step.path(LABELS)
         if data.in_memory:
             return data.train_labels()
         if not os.path.exists(path):
@@ -91,55 +131,58 @@ class EKG(PruningMethod):
         return np.load(path, allow_pickle=False)
 
     def _subsets(self):
-        return search_subsets(self._labels(), self.cfg.search_train_per_class, self.cfg.search_val_per_class)
+        return search_subsets(self._labels(), self.options.search_train_per_class,
+                              self.options.search_val_per_class)
 
     def _subset_arrays(self, indices):
         """Training images at `indices` (in that order) with inference preprocessing, as numpy."""
         data = self.ctx.data
         if data.in_memory:
-            return inference_arrays(self.ctx, indices)
-        batches = list(data.train_subset(indices, self.cfg.search_batch_size))
+            return stages.inference_arrays(self.ctx, indices)
+        batches = list(data.train_subset(indices, self.options.search_batch_size))
         images = np.concatenate([b[0].numpy() for b in batches])
         labels = np.concatenate([b[1].numpy() for b in batches])
         where = np.searchsorted(np.concatenate([b[2].numpy() for b in batches]), indices)
         return images[where], labels[where].astype(np.int32)
 
     def warmup(self):
-        """One epoch at lr 1e-3 on the warm-up subset with inference preprocessing."""
-        ctx, cfg = self.ctx, self.cfg
-        net = self.base_net()
+        """One epoch at `--search_warmup_lr` on the warm-up subset with inference preprocessing."""
+        ctx, step, batch = self.ctx, self.step, self.step.optim.batch_size
+        net = step.start_net()
         subset = self._subsets()[0]
-        steps = max(1, len(subset) // cfg.batch_size)
+        steps = max(1, len(subset) // batch)
+        seed = step.run.seed
         if ctx.data.in_memory:
-            images, labels = inference_arrays(ctx, subset)
+            images, labels = stages.inference_arrays(ctx, subset)
 
             def data_fn(epoch, ictx):
-                order = np.random.default_rng([cfg.seed, epoch]).permutation(len(labels))
+                order = np.random.default_rng([seed, epoch]).permutation(len(labels))
                 ds = tf.data.Dataset.from_tensor_slices((images[order], labels[order]))
                 ds = ds.shard(ictx.num_input_pipelines, ictx.input_pipeline_id)
-                return ds.batch(ictx.get_per_replica_batch_size(cfg.batch_size), drop_remainder=True)
+                return ds.batch(ictx.get_per_replica_batch_size(batch), drop_remainder=True)
         else:
             def data_fn(epoch, ictx):
-                ds = ctx.data.train_subset(subset, ictx.get_per_replica_batch_size(cfg.batch_size), epoch, cfg.seed,
+                ds = ctx.data.train_subset(subset, ictx.get_per_replica_batch_size(batch), epoch, seed,
                                            ictx.num_input_pipelines, ictx.input_pipeline_id)
                 return ds.map(lambda x, y, i: (x, y)).unbatch().batch(
-                    ictx.get_per_replica_batch_size(cfg.batch_size), drop_remainder=True)
+                    ictx.get_per_replica_batch_size(batch), drop_remainder=True)
 
         # Recomputed activations: the allocator keeps its peak pool for the rest of the process
         # (TensorFlow's BFC allocators, oneDNN's on CPU), so the warm-up's training activations
         # would set the search's memory. Same updates, for about a third more of one short epoch.
-        ctx.train(net, 1, stage="warmup", train_data_fn=data_fn, learning_rate=1e-3, steps_per_epoch=steps,
-                  constant_lr=True, recompute=True)
-        save_net(net, ctx.path(WARM))
+        optim = step.optim_with(learning_rate=self.options.search_warmup_lr, schedule="constant", train_epoch=1,
+                                steps_per_epoch=steps)
+        step.train(net, "warmup", optim, data_fn=data_fn, recompute=True)
+        step.save(net, WARM)
 
     def _search(self):
-        ctx, cfg = self.ctx, self.cfg
-        net = ctx.copy_net(ctx.load_net(ctx.path(WARM)), masked=True, local=True)
+        step, opts = self.step, self.options
+        net = self.ctx.load_net(step.path(WARM), masked=True, local=True)
         images, labels = self._subset_arrays(self._subsets()[1])
-        scalars = Scalars(ctx.path("search/tensorboard"))
+        scalars = Scalars(step.path("search/tensorboard"))
 
         def on_step(state, info):
-            atomic_write_json(ctx.path(STATE), state.to_json())
+            atomic_write_json(step.path(STATE), state.to_json())
             scalars.scalars({"search/acc": info["acc"], "search/loss": info["ce"],
                              "search/flops_rate": info["flops_rate"], "search/seconds": info["seconds"]}, state.step)
             scalars.flush()
@@ -147,83 +190,79 @@ class EKG(PruningMethod):
                      info["key"], info["flops_rate"], info["acc"], info["ce"], info["candidates"], info["seconds"],
                      describe_resident())
 
-        search = GreedySearch(net, images, labels, cfg.search_target_rate, cfg.search_step, cfg.search_batch_size,
-                              on_step=on_step, cache_mb=cfg.search_cache_mb, round_to=cfg.search_round_to)
+        search = GreedySearch(net, images, labels, opts.search_target_rate, opts.search_step, opts.search_batch_size,
+                              on_step=on_step, cache_mb=opts.search_cache_mb, round_to=opts.search_round_to)
         return search, scalars
 
     def search(self):
-        ctx = self.ctx
+        step = self.step
         search, scalars = self._search()
         state = None
-        if os.path.exists(ctx.path(STATE)):
-            with open(ctx.path(STATE)) as f:
+        if os.path.exists(step.path(STATE)):
+            with open(step.path(STATE)) as f:
                 state = SearchState.from_json(json.load(f))
             log.info("search: resuming after accepted step %d", state.step)
         tic = time.perf_counter()
-        state = search.run(state)
+        try:
+            state = search.run(state)
+        finally:
+            scalars.close()
         seconds = time.perf_counter() - tic
-        atomic_write_json(ctx.path(STATE), {**state.to_json(), "done": True})
-        scalars.close()
+        atomic_write_json(step.path(STATE), {**state.to_json(), "done": True})
         net, traces = search.net, search.trace_count
         # Slimming needs the masked net only: free the search's cached activations and traced
         # functions first, or the BN re-estimation and evaluation below would add to them.
         del search
         release_freed_memory()
-        self.save_slimmed(net, {"search_seconds": seconds, "search_steps": state.step, "trace_count": traces})
+        self.save_pruned(net, {"search_seconds": seconds, "search_steps": state.step, "trace_count": traces})
 
     def memory_bank(self):
-        ctx, cfg = self.ctx, self.cfg
-        search, _ = self._search()
-        with open(ctx.path(STATE)) as f:
+        step, opts = self.step, self.options
+        net = self.ctx.load_net(step.path(WARM), masked=True, local=True)
+        net.options.set(renorm=uses_renorm(net))  # the search's convention: teachers are its sub-networks
+        with open(step.path(STATE)) as f:
             state = SearchState.from_json(json.load(f))
-        interim = state.history[:-1] or state.history
-        picked = pick_teachers([ce for _, _, ce in interim], cfg.num_teacher)
-        teachers = [(interim[i][0], interim[i][1]) for i in picked]
+        teachers = teacher_settings(state.history, opts.num_teacher)
         tic = time.perf_counter()
-        dataset = ctx.data.train_eval(cfg.search_batch_size)
-        if ctx.data.in_memory:
-            bank = build_memory_bank(search, teachers, dataset, ctx.info.num_train)
-            with atomic_open(ctx.path(BANK), "wb") as f:
+        dataset = self.ctx.data.train_eval(opts.search_batch_size)
+        if self.ctx.data.in_memory:
+            bank = build_memory_bank(net, teachers, dataset, self.ctx.info.num_train)
+            with atomic_open(step.path(BANK), "wb") as f:
                 np.save(f, bank)
         else:
-            bank = self._stream_bank(search, teachers, dataset)
+            bank = self._stream_bank(net, teachers, dataset)
         log.info("memory bank: %d teachers x %d images in %.1f s", len(teachers), len(bank), time.perf_counter() - tic)
 
-    def _stream_bank(self, search, teachers, dataset):
+    def _stream_bank(self, net, teachers, dataset):
         """The bank as a raw float16 file on disk (ImageNet's is 12.8 GB), written to a temporary
         file that replaces `knowledge.f16` only when complete."""
-        ctx = self.ctx
-        shape = (int(len(self._labels())), search.net.groups["logits"].size, len(teachers))
-        tmp = ctx.path(f".{BANK_RAW}.tmp")
+        step = self.step
+        shape = (int(len(self._labels())), net.groups["logits"].size, len(teachers))
+        tmp = step.path(f".{BANK_RAW}.tmp")
         bank = np.memmap(tmp, np.float16, "w+", shape=shape)
-        build_memory_bank(search, teachers, dataset, shape[0], out=bank)
+        build_memory_bank(net, teachers, dataset, shape[0], out=bank)
         bank.flush()
-        os.replace(tmp, ctx.path(BANK_RAW))
-        atomic_write_json(ctx.path(BANK_META), {"shape": list(shape), "dtype": "float16"})
+        os.replace(tmp, step.path(BANK_RAW))
+        atomic_write_json(step.path(BANK_META), {"shape": list(shape), "dtype": "float16"})
         return bank
 
-    def finetune_loss(self):
-        cfg, ctx = self.cfg, self.ctx
-        if not cfg.knowledge:
+    def finetune_task(self):
+        step, opts, ctx = self.step, self.options, self.ctx
+        if not opts.knowledge:
             return None, None
-        temperature = cfg.temperature or (10.0 if ctx.info.num_classes >= 1000 else 4.0)
+        temperature = opts.temperature or (10.0 if ctx.info.num_classes >= 1000 else 4.0)
+        batch, seed = step.optim.batch_size, step.run.seed
         if not ctx.data.in_memory:
-            with open(ctx.path(BANK_META)) as f:
+            with open(step.path(BANK_META)) as f:
                 meta = json.load(f)
-            side = SideData(ctx.path(BANK_RAW), tuple(meta["shape"][1:]), meta["dtype"])
-
-            def streamed(epoch, ictx):
-                return ctx.data.train(ictx.get_per_replica_batch_size(cfg.batch_size), epoch, cfg.seed, views=2,
-                                      side=side, num_shards=ictx.num_input_pipelines,
-                                      shard_index=ictx.input_pipeline_id)
-
-            return memory_bank_loss(None, temperature), streamed
-        bank = np.load(ctx.path(BANK))
+            side = SideData(step.path(BANK_RAW), tuple(meta["shape"][1:]), meta["dtype"])
+            bank, extra = None, dict(side=side)
+        else:
+            bank, extra = np.load(step.path(BANK)), dict(with_index=True)
 
         def data_fn(epoch, ictx):
-            return ctx.data.train(ictx.get_per_replica_batch_size(cfg.batch_size), epoch, cfg.seed, views=2,
-                                  with_index=True, num_shards=ictx.num_input_pipelines,
-                                  shard_index=ictx.input_pipeline_id)
+            return ctx.data.train(ictx.get_per_replica_batch_size(batch), epoch, seed, views=2,
+                                  num_shards=ictx.num_input_pipelines, shard_index=ictx.input_pipeline_id, **extra)
 
-        return memory_bank_loss(bank, temperature), data_fn
-
+        loss = memory_bank_loss(bank, temperature)
+        return (lambda net: Classify(net, loss)), data_fn

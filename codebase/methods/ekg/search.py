@@ -26,6 +26,8 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from codebase.budget import FlopsBudget
+from nets.layers import BatchNorm
 from op_utils.taps import score_tap
 from utils.errors import ConfigError
 
@@ -52,6 +54,24 @@ def trimmed_otsu(costs, cut: float = 0.2) -> float:
 def keep_count(rate: float, size: int) -> int:
     """Channels kept at `rate`: the ranks k < max(rate * size, 1)."""
     return int(math.ceil(max(rate * size, 1.0) - 1e-9))
+
+
+def uses_renorm(net) -> bool:
+    """Whether EKG renormalises `net`'s masked kernels: only in a net with BatchNorm.
+
+    Renormalisation (`W' = (W*M)|W|/|W*M|`) keeps the scale a BatchNorm's batch statistics would
+    normalise away anyway; in a net without BatchNorm (LeNet-5, the MLP) it scales every layer's
+    output and so the logits (measured on LeNet-5 / MNIST at 44% of the FLOPs: interim logits up to
+    218 against 25 unpruned, and the memory-bank fine-tuning diverged), so those nets are searched
+    with plain masks.
+    """
+    return any(isinstance(layer, BatchNorm) for layer in net.layers.values())
+
+
+def set_masks(groups: dict, rates: dict, orders: dict) -> None:
+    """Mask every gate's group to its `keep_count` best-ranked channels (rank 0 = best)."""
+    for key, group in groups.items():
+        group.set_mask(np.asarray(orders[key]) < keep_count(rates[key], group.size))
 
 
 class _TracedOnce:
@@ -129,11 +149,12 @@ class GreedySearch:
         self.probes = {k: tf.Variable(tf.zeros([g.size]), trainable=False, name="probe") for k, g in self.groups.items()}
         self.num_call = self._count_taps(images[:1])
         self.coarse = {k: max(1.0 / g.size, search_step / self.num_call[k]) for k, g in self.groups.items()}
-        self.full_flops = net.cost({k: g.size for k, g in self.groups.items()}).ekg_flops
-        # EKG's search conventions: renormalised masked kernels, batch statistics, no updates. In
+        self.budget = FlopsBudget(net)
+        self.full_flops = self.budget.full_flops
+        # EKG's search conventions: renormalised masked kernels (`uses_renorm`), batch statistics, no updates. In
         # compact mode the net computes on kept channels only, so a step costs what the current
         # sub-network costs (the outputs are the masked net's); set before anything is traced.
-        net.options.set(renorm=True, freeze_bn=True, compact=True)
+        net.options.set(renorm=uses_renorm(net), freeze_bn=True, compact=True)
         self.trace_count = 0
         matrix, vector = tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None], tf.int32)
         self._metrics_fn = _TracedOnce(self._metrics, matrix, vector, matrix)
@@ -157,7 +178,10 @@ class GreedySearch:
         self._cache = None
 
     # === Compiled pieces ===
-    def _tap(self, group, x):
+    def _tap(self, site, x):
+        if not site.final:
+            return x
+        group = site.group
         probe = self.probes[group.key]
         # Compact activations carry the kept channels only: score those entries of the probe.
         return score_tap(x, tf.gather(probe, group.kept_index()) if group.masked else probe)
@@ -165,8 +189,9 @@ class GreedySearch:
     def _count_taps(self, image) -> dict:
         counts = dict.fromkeys(self.keys, 0)
 
-        def counting(group, x):
-            counts[group.key] += 1
+        def counting(site, x):
+            if site.final:
+                counts[site.group.key] += 1
             return x
 
         self.net(tf.constant(image, tf.float32), training=False, tap=counting)
@@ -252,11 +277,10 @@ class GreedySearch:
         return {k: keep_count(rates[k], self.groups[k].size) for k in self.keys}
 
     def flops_rate(self, rates) -> float:
-        return self.net.cost(self.widths(rates)).ekg_flops / self.full_flops
+        return self.budget.rate(self.widths(rates))
 
     def apply(self, rates, orders) -> None:
-        for k in self.keys:
-            self.groups[k].set_mask(orders[k] < keep_count(rates[k], self.groups[k].size))
+        set_masks(self.groups, rates, orders)
 
     def evaluate(self, knowledge, key=None):
         """(logits, accuracy, mean CE, mean J) of the current masks on the validation set.

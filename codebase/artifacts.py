@@ -1,0 +1,122 @@
+"""A saved net: its params pickle and the files beside it.
+
+`save_net(net, "x.pkl")` writes three files, each atomically:
+
+* `x.pkl`: the params in the EKG format (`{"scope/var:0": ndarray}`), which the reference
+  pickles also use and which any other tool reading them understands;
+* `x.arch.json`: the spec (`Net.spec()`: arch, config, widths, and the attached transforms
+  with their configs), which rebuilds a slimmed or transformed architecture;
+* `x.state.npz`: the transforms' state (compactor kernels, magnitude masks, quantizer ranges),
+  plain arrays read with `allow_pickle=False`; only written when the net has some.
+
+`load_net` rebuilds from them; a pickle without a spec (the EKG reference's) is rebuilt from
+its kernel shapes. A step of a run reads its input this way and writes its output this way,
+so a chain of methods passes nets from step to step through files that `test.py` also reads.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import zipfile
+
+import numpy as np
+
+import nets
+from utils.atomic import atomic_open, atomic_write_json
+from utils.errors import ConfigError, ParamsError
+from utils.params_io import load_params, save_params
+
+
+def spec_path(params_path: str) -> str:
+    """The spec saved beside a params pickle: `x.pkl` -> `x.arch.json`."""
+    return os.path.splitext(os.fspath(params_path))[0] + ".arch.json"
+
+
+def state_path(params_path: str) -> str:
+    """The transform state saved beside a params pickle: `x.pkl` -> `x.state.npz`."""
+    return os.path.splitext(os.fspath(params_path))[0] + ".state.npz"
+
+
+def save_net(net, path: str) -> None:
+    """Write the params pickle and, beside it, the spec and (if any) the transform state."""
+    path = os.fspath(path)
+    state = net.transform_state()
+    if state:
+        buffer = io.BytesIO()
+        np.savez(buffer, **state)
+        with atomic_open(state_path(path), "wb") as f:
+            f.write(buffer.getvalue())
+    elif os.path.exists(state_path(path)):
+        os.remove(state_path(path))
+    atomic_write_json(spec_path(path), net.spec())
+    save_params(path, net.get_params())
+
+
+def copy_net_files(source: str, target: str) -> None:
+    """Copy a saved net (pickle, spec, state) to `target` (the run's final `trained_params.pkl`)."""
+    for make in (lambda p: p, spec_path, state_path):
+        if os.path.exists(make(source)):
+            with open(make(source), "rb") as src, atomic_open(make(target), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+
+
+def read_spec(path: str) -> dict | None:
+    """The spec beside params pickle `path`, or None if it has none."""
+    spec_file = spec_path(path)
+    if not os.path.isfile(spec_file):
+        return None
+    try:
+        with open(spec_file, encoding="utf-8") as f:
+            spec = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ParamsError(f"{spec_file}: not a readable spec ({type(err).__name__})") from None
+    if not isinstance(spec, dict) or "arch" not in spec:
+        raise ParamsError(f"{spec_file}: not a spec (no 'arch')")
+    return spec
+
+
+def _read_state(path: str) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise ParamsError(f"{path}: not a readable transform state file ({err})") from None
+
+
+def load_net(arch: str | None, path: str, masked: bool = False, **config):
+    """Rebuild a (possibly slimmed or transformed) net from a params pickle and its spec.
+
+    Args:
+        arch: the expected architecture (None: take it from the spec, which must exist).
+        path: the params pickle.
+        masked: build the net with masks (for pruning it further).
+        config: net config overrides (`num_classes`, `input_size`).
+
+    Raises:
+        ParamsError / ConfigError: a missing, corrupt or unsafe file, or params of another
+            architecture, each named in one line.
+    """
+    params = load_params(path)
+    spec = read_spec(path)
+    if spec is None:
+        if arch is None:
+            raise ConfigError(f"{path} has no {os.path.basename(spec_path(path))} beside it; give --arch")
+        return nets.build_from_params(arch, params, masked=masked, **config)
+    if arch is not None and nets.lookup(spec["arch"])[0] != nets.lookup(arch)[0]:
+        raise ConfigError(f"{path} holds a {spec['arch']} (see {spec_path(path)}), not --arch {arch}")
+    try:
+        net = nets.build_from_spec(spec, masked=masked, **config)
+    except (KeyError, ValueError, TypeError) as err:
+        raise ParamsError(f"{spec_path(path)}: cannot rebuild the net ({err})") from None
+    net.set_params(params)
+    if spec.get("transforms"):
+        if not os.path.isfile(state_path(path)):
+            raise ParamsError(f"{path}: its spec lists transforms but {state_path(path)} is missing")
+        try:
+            net.load_transform_state(_read_state(state_path(path)), what=state_path(path))
+        except ValueError as err:
+            raise ParamsError(str(err)) from None
+    return net
