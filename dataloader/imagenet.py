@@ -18,6 +18,9 @@ IMAGENET_STD = (58.40, 57.12, 57.38)
 NUM_CLASSES = 1000
 NUM_TRAIN = 1281167
 NUM_TEST = 50000
+# The standard conversion writes 1024 training and 128 validation shards; with exactly those,
+# the official sizes are known without reading a shard.
+STANDARD_SHARDS = {"train": (1024, NUM_TRAIN), "test": (128, NUM_TEST)}
 PATTERNS = {"train": "train-*-of-*", "test": "validation-*-of-*"}
 
 _AUTOTUNE = tf.data.AUTOTUNE
@@ -39,8 +42,8 @@ class ImageNet(Dataset):
         label_offset: int = 1,
         image_size: int = 224,
         resize_size: int = 256,
-        num_train: int | None = NUM_TRAIN,
-        num_test: int | None = NUM_TEST,
+        num_train: int | str | None = "auto",
+        num_test: int | str | None = "auto",
         shuffle_block: int = 10000,
         cycle_length: int = 16,
     ):
@@ -52,9 +55,11 @@ class ImageNet(Dataset):
                 1..1000, hence 1).
             image_size: Output height and width.
             resize_size: Shorter side before the evaluation centre crop.
-            num_train: Training-set size reported by ``info``; None counts the records
-                (reads every shard's framing) the first time ``info`` is asked for.
-            num_test: Validation-set size, likewise.
+            num_train: Training-set size reported by ``info`` (and so the default steps per
+                epoch); None counts the records (reads every shard's framing) the first time
+                ``info`` is asked for; "auto" (default) takes the official size when the folder
+                holds the standard 1024 shards and counts otherwise (a subset of the shards).
+            num_test: Validation-set size, likewise (128 standard shards).
             shuffle_block: Training records shuffled together (memory: this many JPEGs).
             cycle_length: Training shards read in parallel (interleaved).
 
@@ -156,12 +161,20 @@ class ImageNet(Dataset):
     @property
     def info(self) -> DatasetInfo:
         if self._info is None:
-            sizes = {split: self.count_records(split) if size is None else int(size)
-                     for split, size in self._sizes.items()}
+            sizes = {split: self._size(split, size) for split, size in self._sizes.items()}
             self._info = DatasetInfo(name="imagenet", num_classes=NUM_CLASSES,
                                      image_shape=(self.image_size, self.image_size, 3), num_train=sizes["train"],
                                      num_test=sizes["test"], mean=IMAGENET_MEAN, std=IMAGENET_STD)
         return self._info
+
+    def _size(self, split: str, size) -> int:
+        if size == "auto":
+            shards, official = STANDARD_SHARDS[split]
+            names = self.shards(split)
+            if len(names) == shards and all(n.endswith(f"-of-{shards:05d}") for n in names):
+                return official
+            size = None
+        return self.count_records(split) if size is None else int(size)
 
     # ----- pipelines ----------------------------------------------------------------
     def train(self, batch_size: int, epoch: int, seed: int, augment: bool = True, num_shards: int = 1,

@@ -103,10 +103,11 @@ def visible_gpus(gpu_ids: Optional[str]) -> List[str]:
         wanted = []
         for gpu in _parse_gpu_ids(gpu_ids):
             if not 0 <= gpu < len(physical):
-                raise ConfigError(
-                    f"--gpu_id {gpu} does not exist: this machine has {len(physical)} GPU(s)"
-                    + (f" (ids 0 to {len(physical) - 1})" if physical else "")
-                )
+                hint = f" (ids 0 to {len(physical) - 1})" if physical else ""
+                if not physical and not tf.test.is_built_with_cuda():
+                    hint = (" and this TensorFlow is a CPU-only build (tensorflow-cpu); for GPUs install "
+                            "requirements-gpu.txt (README: GPU set-up)")
+                raise ConfigError(f"--gpu_id {gpu} does not exist: this machine has {len(physical)} GPU(s){hint}")
             wanted.append(physical[gpu])
         try:
             tf.config.set_visible_devices(wanted, "GPU")
@@ -122,3 +123,34 @@ def visible_gpus(gpu_ids: Optional[str]) -> List[str]:
 def has_gpu() -> bool:
     """Returns True if TensorFlow can see at least one physical GPU."""
     return bool(tf.config.list_physical_devices("GPU"))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def describe_devices(strategy) -> list:
+    """One line per device the strategy's replicas run on: its name and model
+    (`"/job:localhost/replica:0/task:0/device:GPU:0 (NVIDIA A100-SXM4-40GB)"`)."""
+    gpus = {}
+    for index, device in enumerate(tf.config.list_physical_devices("GPU")):
+        try:
+            gpus[f"GPU:{index}"] = tf.config.experimental.get_device_details(device).get("device_name", "GPU")
+        except (ValueError, RuntimeError):
+            gpus[f"GPU:{index}"] = "GPU"
+    out = []
+    for name in strategy.extended.worker_devices:
+        short = name.split("device:")[-1]
+        model = gpus.get(short) if short.startswith("GPU") else f"{cpu_model()}, {os.cpu_count()} cores"
+        out.append(f"{name} ({model})")
+    return out

@@ -69,6 +69,14 @@ def setup_logging(log_file: Optional[str] = None, level: Union[str, int] = "INFO
         setattr(handler, _OWNED, True)
         root.addHandler(handler)
     root.setLevel(level)
+    # TensorFlow and absl log through their own handler as well as the root's (every line twice),
+    # and their INFO lines are internals (all-reduce plans, dataset sharding): warnings and
+    # errors reach the root's handlers once.
+    for name in ("tensorflow", "absl"):
+        library = logging.getLogger(name)
+        for handler in list(library.handlers):
+            library.removeHandler(handler)
+        library.setLevel(max(logging.WARNING, level))
 
 
 def _plain(value: Any) -> Any:
