@@ -77,9 +77,9 @@ def epoch_evals(run: str, stage: str) -> list:
     evals, current = [], None
     with open(os.path.join(run, "log.txt")) as f:
         for line in f:
-            found = re.search(r"codebase\.pipeline: stage (\w+)$", line.strip())
+            found = re.search(r"codebase\.pipeline: stage (\S+)$", line.strip())
             if found:
-                current = found.group(1)
+                current = found.group(1).split("/")[-1]
             found = re.search(r"op_utils\.loop: epoch \d+/\d+: .*eval_top1=([0-9.]+)", line)
             if found and current == stage:
                 evals.append(float(found.group(1)))
@@ -91,13 +91,23 @@ def read(run: str, name: str) -> dict:
     return json.load(open(path)) if os.path.exists(path) else {}
 
 
+def step_dir(run: str) -> str:
+    """The folder of a run's (single) method step: `<run>/1-<method>`."""
+    return next(os.path.join(run, d) for d in sorted(os.listdir(run)) if d.startswith("1-"))
+
+
+def stage_time(timings: dict, stage: str) -> float:
+    """Seconds of a stage, whatever the step folder it ran in (`1-ekg/search`)."""
+    return sum(v for k, v in timings.items() if k.split("/")[-1] == stage)
+
+
 def batch_stat_top1(params: str, data_path: str, batch: int = 256) -> float:
     """Test top-1 of a slimmed net with BN batch statistics (the reference's post-search number)."""
     import numpy as np
     import tensorflow as tf
 
     sys.path.insert(0, _ROOT)
-    from codebase.context import load_net
+    from codebase.artifacts import load_net
     from dataloader import build_dataset
 
     data = build_dataset("cifar10", data_path)
@@ -114,34 +124,37 @@ def one_run(method: str, seed: int, args, out: str) -> dict:
     run = os.path.join(out, f"{method}_seed{seed}")
     log = os.path.join(out, f"{method}_seed{seed}.stdout")
     common = ["--arch", "ResNet-56", "--dataset", "cifar10", "--data_path", args.data_path, "--train_path", run,
-              "--seed", str(seed), "--do_log", "10", "--search_target_rate", str(args.target),
-              "--train_epoch", str(args.finetune_epochs), "--search_round_to", str(args.round_to),
-              *(["--search_cache_mb", str(args.cache_mb)] if args.cache_mb else []),
+              "--seed", str(seed), "--do_log", "10", "--train_epoch", str(args.finetune_epochs),
               *(["--recompute"] if args.recompute else []), *FINETUNE]
+    # Each method takes only its own options (a flag of another method is an error).
+    target = ["--search_target_rate", str(args.target)]
+    search = [*target, "--search_round_to", str(args.round_to),
+              *(["--search_cache_mb", str(args.cache_mb)] if args.cache_mb else [])]
     entry = {"method": method, "seed": seed, "run": run}
     if method == "ekg":
-        search = run_child(["train_cifar.py", "--method", "ekg", "--trained_param", args.trained_param, *common,
-                            "--stop_after", "search"], log)
-        rest = run_child(["train_cifar.py", "--method", "ekg", "--trained_param", args.trained_param, *common,
+        searched = run_child(["train_cifar.py", "--method", "ekg", "--trained_param", args.trained_param, *common,
+                              *search, "--stop_after", "search"], log)
+        rest = run_child(["train_cifar.py", "--method", "ekg", "--trained_param", args.trained_param, *common, *search,
                           "--resume"], log)
-        entry.update(search_process=search, rest_process=rest, wall=search["wall"] + rest["wall"],
-                     before_top1_batch_stats=batch_stat_top1(os.path.join(run, "slimmed_params.pkl"), args.data_path))
+        entry.update(search_process=searched, rest_process=rest, wall=searched["wall"] + rest["wall"],
+                     before_top1_batch_stats=batch_stat_top1(os.path.join(step_dir(run), "slimmed_params.pkl"),
+                                                             args.data_path))
         stage = "finetune"
     elif method in ("ekg_ce", "resrep_ft", "l1_ft", "ekg_ce_ft"):
         source = os.path.join(out, f"{method.split('_')[0]}_seed{seed}")
         if method.endswith("_ft"):
             common[common.index("--train_epoch") + 1] = str(args.long_finetune_epochs)
         proc = run_child(["train_cifar.py", "--method", "none", "--trained_param",
-                          os.path.join(source, "slimmed_params.pkl"), *common], log)
-        pruned = read(source, "prune_results.json")
+                          os.path.join(step_dir(source), "slimmed_params.pkl"), *common], log)
+        pruned = read(step_dir(source), "prune_results.json")
         entry.update(process=proc, wall=proc["wall"], before_finetune_top1=pruned["before_finetune_top1"],
                      widths=pruned["widths"], flops_rate=pruned["flops_rate"])
         if method.endswith("_ft"):  # the source run up to its pruned net, then this fine-tuning
             timings = read(source, "timings.json")
-            entry["wall"] += sum(timings.get(k, 0) for k in ("resrep", "convert", "prune", "warmup", "search"))
+            entry["wall"] += sum(stage_time(timings, k) for k in ("resrep", "convert", "prune", "warmup", "search"))
         stage = "train"
     else:
-        extra = []
+        extra = target
         if method == "resrep":
             extra = [*RESREP, "--resrep_target", str(args.target), "--resrep_epoch", str(args.resrep_epochs),
                      "--resrep_lambda", str(args.resrep_lambda)]
@@ -149,7 +162,7 @@ def one_run(method: str, seed: int, args, out: str) -> dict:
                           *extra], log)
         entry.update(process=proc, wall=proc["wall"])
         stage = "finetune"
-    results, pruned = read(run, "results.json"), read(run, "prune_results.json")
+    results, pruned = read(run, "results.json"), read(step_dir(run), "prune_results.json")
     entry.update({k: v for k, v in {**pruned, **results}.items() if not isinstance(v, (list, dict)) or k == "widths"})
     entry.update(timings=read(run, "timings.json"), epoch_top1=epoch_evals(run, stage))
     return entry
@@ -174,7 +187,7 @@ def table(entries: list) -> str:
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for e in entries:
         t = e.get("timings", {})
-        search = t.get("warmup", 0) + t.get("search", 0) if e["method"] == "ekg" else None
+        search = stage_time(t, "warmup") + stage_time(t, "search") if e["method"] == "ekg" else None
         rss = e.get("search_process", {}).get("peak_rss_mb")
         flops = e.get("ekg_flops") or e.get("slimmed_ekg_flops")
         rows.append(
