@@ -87,7 +87,6 @@ def run(cfg: Config) -> dict:
     run_cfg = cfg.run
     os.makedirs(run_cfg.train_path, exist_ok=True)
     setup_logging(os.path.join(run_cfg.train_path, "log.txt"))
-    atomic_write_json(os.path.join(run_cfg.train_path, "config.json"), cfg.to_dict())
     set_seed(run_cfg.seed)
     ctx = RunContext(cfg)
     log.info("devices: %s", "; ".join(ctx.devices))
@@ -98,6 +97,9 @@ def run(cfg: Config) -> dict:
                                                                                           for s, t in names}:
         raise ConfigError(f"--stop_after {run_cfg.stop_after!r} is not a stage of --method {run_cfg.method} "
                           f"({', '.join(f'{s}/{t}' for s, t in names)})")
+    # Written once the data and the plan are known to work: a run that fails before this (a wrong
+    # --data_path) leaves a folder the corrected command may use.
+    atomic_write_json(os.path.join(run_cfg.train_path, "config.json"), cfg.to_dict())
     done_file, timings_file = (os.path.join(run_cfg.train_path, n) for n in ("stages.json", "timings.json"))
     done, timings = _load(done_file, []), _load(timings_file, {})
     for step, method in steps:
