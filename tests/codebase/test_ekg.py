@@ -1,5 +1,6 @@
 """EKG pieces: score taps, trimmed Otsu, a search step, resume, teachers and the KD loss."""
 
+import collections
 import json
 
 import numpy as np
@@ -72,8 +73,60 @@ def tiny_search(target=0.8, **kwargs):
     return GreedySearch(net, images, labels, target_rate=target, batch_size=16, **kwargs)
 
 
+class StubScores:
+    """Cheap stand-ins for a search's compiled `score` and `evaluate`, for tests of its host logic
+    (candidates, steps, rates, the `round_to` lattice, resume); installed on `search` when made.
+
+    Both are deterministic functions of the masks and the ensemble knowledge. A live channel
+    scores a fixed importance perturbed by the knowledge, so channel orders change from step to
+    step; masked channels score 0, as through the taps. Logits move with the importance each
+    group keeps, and `J` adds their distance to the knowledge. A search that lost any part of its
+    state (rates, orders, knowledge, members) therefore ends elsewhere. `calls` counts the calls.
+    """
+
+    def __init__(self, search, seed=0):
+        rng = np.random.default_rng(seed)
+        self.groups = search.groups
+        self.importance = {k: rng.uniform(0.1, 1.0, g.size) for k, g in self.groups.items()}
+        self.weight = {k: rng.uniform(0.5, 1.5) for k in self.groups}
+        classes = search.net.groups["logits"].size
+        self.direction = {k: rng.normal(size=(search.count, classes)) for k in self.groups}
+        self.calls = collections.Counter()
+        search.score, search.evaluate = self.score, self.evaluate
+
+    def score(self, knowledge):
+        self.calls["score"] += 1
+        phase = float(np.abs(knowledge).sum())
+        return {k: self.importance[k] * (1.0 + 0.5 * np.cos(phase + np.arange(g.size))) * g.mask_numpy()
+                for k, g in self.groups.items()}
+
+    def evaluate(self, knowledge, key=None):
+        self.calls["evaluate"] += 1
+        kept = {k: float((self.importance[k] * g.mask_numpy()).sum() / self.importance[k].sum())
+                for k, g in self.groups.items()}
+        logits = sum(kept[k] * self.direction[k] for k in self.groups).astype(np.float32)
+        ce = sum(self.weight[k] * (1.0 - kept[k]) for k in self.groups)
+        j = ce + 0.01 * float(np.mean((logits - knowledge) ** 2))
+        return logits, 1.0 / (1.0 + ce), ce, j
+
+
+def stubbed_search(target=0.8, **kwargs):
+    """A tiny search with `StubScores`: nothing is traced or run on the net."""
+    search = tiny_search(target, **kwargs)
+    return search, StubScores(search)
+
+
+@pytest.fixture(scope="module")
+def traced():
+    """One tiny search run for real, shared by the tests that need its compiled passes: tracing
+    them is most of such a test's cost. Each test sets the masks it needs (`initial_state()`,
+    `apply`); the search's BatchNorms never update their statistics, so nothing else carries over.
+    """
+    return tiny_search()
+
+
 def test_one_step_takes_the_lowest_objective_among_otsu_candidates(monkeypatch):
-    search = tiny_search()
+    search, _ = stubbed_search()
     state = search.initial_state()
     keys = search.keys
     known = {k: np.linspace(1, 2, search.groups[k].size) * (0.01 if k == keys[3] else 1.0) for k in keys}
@@ -104,25 +157,54 @@ def test_one_step_takes_the_lowest_objective_among_otsu_candidates(monkeypatch):
     assert all(state.rates[k] == 1.0 for k in keys if k != best)
 
 
-def test_search_reaches_target_without_retracing_and_resumes(tmp_path):
+def test_search_reaches_target_without_retracing(traced, monkeypatch):
+    traces = []
+    monkeypatch.setattr(traced, "on_step", lambda state, info: traces.append(traced.trace_count))
+    final = traced.run()
+    assert traced.flops_rate(final.rates) <= 0.8 < traced.flops_rate(final.history[-2][0])
+    assert final.curves[-1][3] == pytest.approx(traced.flops_rate(final.rates))
+    # Every compiled function is traced once, in the first step (or by an earlier test on this
+    # search): the steps after it, with other widths everywhere, trace nothing.
+    functions = len(traced._segment_fns) + len(traced._chunk_fns) + 1  # segments, score chunks, metrics
+    assert final.step > 1 and traces == [functions] * final.step
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop", [1, 4, "last"])
+def test_search_resumes_after_the_last_saved_step(stop):
+    whole = stubbed_search()[0].run()
+    stop = whole.step if stop == "last" else stop
+    saved = []
+
+    def interrupt(state, info):
+        saved.append(json.dumps(state.to_json()))  # what EKG.search writes after every step
+        if state.step == stop:
+            raise Interrupted
+
+    search, _ = stubbed_search()
+    search.on_step = interrupt
+    with pytest.raises(Interrupted):
+        search.run()
+    # A new search (a new process: fresh masks) continues from the saved state.
+    search, stub = stubbed_search()
     steps = []
-    search = tiny_search(on_step=lambda state, info: steps.append(json.dumps(state.to_json())))
-    final = search.run()
-    assert search.flops_rate(final.rates) <= 0.8 < search.flops_rate(final.history[-2][0])
-    traces = search.trace_count
-    tiny_trace = tiny_search()
-    tiny_trace.run(SearchState.from_json(json.loads(steps[0])))
-    # Later steps trace nothing: every function is traced once per batch shape in the first step.
-    assert tiny_trace.trace_count == traces
-    assert final.curves[-1][3] == pytest.approx(search.flops_rate(final.rates))
-    # Resume from the state saved after step 2: the search ends where the uninterrupted one did.
-    resumed = tiny_search().run(SearchState.from_json(json.loads(steps[1])))
-    assert resumed.rates == final.rates
-    assert all(np.array_equal(resumed.orders[k], final.orders[k]) for k in final.orders)
+    search.on_step = lambda state, info: steps.append(state.step)
+    resumed = search.run(SearchState.from_json(json.loads(saved[-1])))
+    # Only the steps after the saved one ran (a restart would run them all and end in the same
+    # place: the search is deterministic), and they continued its history and ensemble.
+    assert steps == list(range(stop + 1, whole.step + 1)) and stub.calls["score"] == whole.step - stop
+    assert resumed.step == whole.step and resumed.members == whole.members == whole.step + 1
+    assert len(resumed.history) == whole.step + 1 and resumed.curves == whole.curves
+    np.testing.assert_array_equal(resumed.knowledge, whole.knowledge)
+    assert json.dumps(resumed.to_json()) == json.dumps(whole.to_json())  # rates, orders and history too
+    assert search.widths(resumed.rates) == {k: g.active() for k, g in search.groups.items()}
 
 
 def test_round_to_keeps_every_width_a_multiple_and_stops_where_it_must():
-    search = tiny_search(target=0.5, round_to=8)
+    search, _ = stubbed_search(target=0.5, round_to=8)
     state = search.initial_state()
     # A fresh 16-channel group steps to 8 whatever its coarse step; an 8-channel one cannot shrink.
     stem = search.keys[0]
@@ -135,11 +217,11 @@ def test_round_to_keeps_every_width_a_multiple_and_stops_where_it_must():
     assert any(w < search.groups[k].size for k, w in widths.items())
     # 16 on 16/32/64-channel groups: the stage-1 groups cannot shrink, so 0.2 is out of reach.
     with pytest.raises(ConfigError, match="cannot go below .* with --search_round_to 16"):
-        tiny_search(target=0.2, round_to=16).run()
+        stubbed_search(target=0.2, round_to=16)[0].run()
 
 
-def test_candidates_evaluated_from_cached_segments_match_a_full_pass():
-    search = tiny_search()
+def test_candidates_evaluated_from_cached_segments_match_a_full_pass(traced):
+    search = traced
     state = search.initial_state()
     search.apply(state.rates, state.orders)
     search._run_segments(0, keep_cache=True)
@@ -194,16 +276,24 @@ def test_select_teachers_and_kd_loss_by_hand():
     np.testing.assert_allclose(streamed, per_example, rtol=1e-3)
 
 
-def test_memory_bank_fills_a_float16_file_like_the_in_memory_bank(tmp_path):
-    search = tiny_search()
-    state = search.initial_state()
-    teachers = [(state.rates, state.orders), ({k: 0.5 for k in search.keys}, state.orders)]
-    images = np.random.default_rng(3).normal(size=(10, 8, 8, 3)).astype(np.float32)
-    dataset = tf.data.Dataset.from_tensor_slices((images, np.zeros(10, np.int32), np.arange(10))).batch(4)
+def test_memory_bank_fills_a_float16_file_like_the_in_memory_bank(traced, tmp_path):
+    search = traced
+    full = ({k: 1.0 for k in search.keys}, {k: np.arange(g.size) for k, g in search.groups.items()})
+    teachers = [full, ({k: 0.5 for k in search.keys}, full[1])]
+    rng = np.random.default_rng(3)
+    images = rng.normal(size=(10, 8, 8, 3)).astype(np.float32)
+    index = rng.permutation(10)  # each batch's logits land at its examples' rows
+    dataset = tf.data.Dataset.from_tensor_slices((images, np.zeros(10, np.int32), index)).batch(5)
     in_memory = build_memory_bank(search, teachers, dataset, 10)
     on_disk = np.memmap(tmp_path / "bank.f16", np.float16, "w+", shape=(10, 4, 2))
     build_memory_bank(search, teachers, dataset, 10, out=on_disk)
-    assert in_memory.shape == (10, 4, 2) and not np.allclose(in_memory[..., 0], in_memory[..., 1])
+    expected = np.zeros((10, 4, 2), np.float32)
+    for t, (rates, orders) in enumerate(teachers):
+        search.apply(rates, orders)
+        for begin in (0, 5):  # batch statistics, as in the search
+            expected[index[begin:begin + 5], :, t] = search.net(images[begin:begin + 5], training=True).numpy()
+    np.testing.assert_allclose(in_memory, expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(in_memory[..., 0], in_memory[..., 1])
     np.testing.assert_allclose(on_disk, in_memory, rtol=2e-3, atol=2e-3)
 
 
@@ -227,10 +317,11 @@ def test_pruning_pipeline_smoke(method, tmp_path):
         assert json.loads((run / "stages.json").read_text())[-1] == "test"
 
 
-@pytest.mark.parametrize("cache_mb", [1024, 0.001])
-def test_checkpointed_scores_equal_one_tape_over_the_whole_net(cache_mb):
-    # cache_mb=0.001 caches only every few segment inputs: chunks of several segments.
-    search = tiny_search(cache_mb=cache_mb)
+@pytest.mark.parametrize("chunks", ["one segment each", "three segments each"])
+def test_checkpointed_scores_equal_one_tape_over_the_whole_net(chunks, traced):
+    # A small cache keeps every third segment input: the score pass back-propagates chunks of three.
+    search = traced if chunks == "one segment each" else tiny_search(cache_mb=0.2)
+    assert search.cached == (list(range(11)) if search is traced else [0, 3, 6, 9])
     state = search.initial_state()
     rates = {k: (0.5 if i % 2 else 1.0) for i, k in enumerate(search.keys)}
     search.apply(rates, state.orders)
@@ -253,9 +344,9 @@ def test_checkpointed_scores_equal_one_tape_over_the_whole_net(cache_mb):
     assert any(expected[k].any() for k in search.keys)
 
 
-def test_score_drops_the_previous_cache_before_building_the_next():
+def test_score_drops_the_previous_cache_before_building_the_next(traced, monkeypatch):
     # Rebuilt beside the old one, two caches (350 MB each for ResNet-56 on 320 images) would be alive at once.
-    search = tiny_search()
+    search = traced
     state = search.initial_state()
     search.score(state.knowledge)
     alive = []
@@ -266,6 +357,6 @@ def test_score_drops_the_previous_cache_before_building_the_next():
             alive.append(search._cache)
         return run(start, keep_cache)
 
-    search._run_segments = spy
+    monkeypatch.setattr(search, "_run_segments", spy)
     search.score(state.knowledge)
     assert alive == [None] and search._cache is not None
