@@ -2,6 +2,7 @@
 
 import collections
 import json
+import os
 
 import numpy as np
 import pytest
@@ -9,8 +10,11 @@ import tensorflow as tf
 
 import nets
 import train_cifar
+from codebase.config import parse_config
+from codebase.context import RunContext, save_net
+from codebase.methods.ekg import method as ekg_method
 from codebase.methods.ekg.memory_bank import build_memory_bank, pick_teachers
-from codebase.methods.ekg.method import memory_bank_loss, search_subsets
+from codebase.methods.ekg.method import EKG, memory_bank_loss, search_subsets
 from codebase.methods.ekg.search import GreedySearch, SearchState, keep_count, trimmed_otsu
 from op_utils.losses import kl_t, select_teachers
 from op_utils.taps import score_tap
@@ -360,3 +364,58 @@ def test_score_drops_the_previous_cache_before_building_the_next(traced, monkeyp
     monkeypatch.setattr(search, "_run_segments", spy)
     search.score(state.knowledge)
     assert alive == [None] and search._cache is not None
+
+
+def test_search_stage_resumes_after_the_last_saved_step(tmp_path, monkeypatch):
+    data = write_cifar10(tmp_path / "data", per_batch=8, num_test=4).path
+    warm = nets.build("ResNet-20")
+    randomise(warm, seed=1)
+    record = {"steps": [], "scores": 0, "crash_after": None, "slimmed": None}
+
+    class Stubbed(GreedySearch):
+        """The stage's search on stubbed scoring, logging its steps; with `crash_after` k it dies
+        in step k + 1, after `on_step` saved step k."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            stub, on_step = StubScores(self), self.on_step
+
+            def score(knowledge):
+                if record["scores"] == record["crash_after"]:
+                    raise Interrupted
+                record["scores"] += 1
+                return stub.score(knowledge)
+
+            def logged(state, info):
+                on_step(state, info)
+                record["steps"].append(state.step)
+
+            self.score, self.on_step = score, logged
+
+    monkeypatch.setattr(ekg_method, "GreedySearch", Stubbed)
+    # Slimming, BN re-estimation and evaluation are the pruning stages' (tested with them).
+    monkeypatch.setattr(EKG, "save_slimmed", lambda self, net, info: record.update(slimmed=(net.widths(), info)))
+
+    def search_stage(run, crash_after=None):
+        record.update(steps=[], scores=0, crash_after=crash_after, slimmed=None)
+        cfg = parse_config(["--method", "ekg", "--arch", "ResNet-20", "--data_path", str(data), "--train_path",
+                            str(run), "--search_train_per_class", "2", "--search_val_per_class", "2",
+                            "--search_batch_size", "16", "--search_target_rate", "0.8"])
+        ctx = RunContext(cfg)
+        if not os.path.exists(ctx.path(ekg_method.WARM)):
+            save_net(warm, ctx.path(ekg_method.WARM))
+        EKG(ctx).search()
+        return json.loads((run / ekg_method.STATE).read_text())
+
+    whole = search_stage(tmp_path / "whole")
+    total, widths, info = whole["step"], *record["slimmed"]
+    assert whole["done"] and record["steps"] == list(range(1, total + 1)) and total > 4
+    with pytest.raises(Interrupted):
+        search_stage(tmp_path / "run", crash_after=3)
+    saved = json.loads((tmp_path / "run" / ekg_method.STATE).read_text())
+    assert saved["step"] == 3 and "done" not in saved and record["slimmed"] is None
+    resumed = search_stage(tmp_path / "run")
+    # The resumed stage ran only the steps after step 3 and ends in the uninterrupted run's state.
+    assert record["steps"] == list(range(4, total + 1)) and record["scores"] == total - 3
+    assert resumed == whole
+    assert record["slimmed"][0] == widths and record["slimmed"][1]["search_steps"] == total
