@@ -366,10 +366,24 @@ def test_score_drops_the_previous_cache_before_building_the_next(traced, monkeyp
     assert alive == [None] and search._cache is not None
 
 
+def ekg_stage_context(tmp_path, run, *flags):
+    """A RunContext of `--method ekg` (and `flags`) on 40 fake CIFAR-10 images, its warm-up net
+    saved in `run`: what the search and memory-bank stages read."""
+    data = tmp_path / "data"
+    if not data.exists():
+        write_cifar10(data, per_batch=8, num_test=4)
+    cfg = parse_config(["--method", "ekg", "--arch", "ResNet-20", "--data_path", str(data / "cifar-10-batches-py"),
+                        "--train_path", str(run), "--search_train_per_class", "2", "--search_val_per_class", "2",
+                        "--search_batch_size", "16", "--search_target_rate", "0.8", *flags])
+    ctx = RunContext(cfg)
+    if not os.path.exists(ctx.path(ekg_method.WARM)):
+        warm = nets.build("ResNet-20")
+        randomise(warm, seed=1)
+        save_net(warm, ctx.path(ekg_method.WARM))
+    return ctx
+
+
 def test_search_stage_resumes_after_the_last_saved_step(tmp_path, monkeypatch):
-    data = write_cifar10(tmp_path / "data", per_batch=8, num_test=4).path
-    warm = nets.build("ResNet-20")
-    randomise(warm, seed=1)
     record = {"steps": [], "scores": 0, "crash_after": None, "slimmed": None}
 
     class Stubbed(GreedySearch):
@@ -398,13 +412,7 @@ def test_search_stage_resumes_after_the_last_saved_step(tmp_path, monkeypatch):
 
     def search_stage(run, crash_after=None):
         record.update(steps=[], scores=0, crash_after=crash_after, slimmed=None)
-        cfg = parse_config(["--method", "ekg", "--arch", "ResNet-20", "--data_path", str(data), "--train_path",
-                            str(run), "--search_train_per_class", "2", "--search_val_per_class", "2",
-                            "--search_batch_size", "16", "--search_target_rate", "0.8"])
-        ctx = RunContext(cfg)
-        if not os.path.exists(ctx.path(ekg_method.WARM)):
-            save_net(warm, ctx.path(ekg_method.WARM))
-        EKG(ctx).search()
+        EKG(ekg_stage_context(tmp_path, run)).search()
         return json.loads((run / ekg_method.STATE).read_text())
 
     whole = search_stage(tmp_path / "whole")
@@ -419,3 +427,35 @@ def test_search_stage_resumes_after_the_last_saved_step(tmp_path, monkeypatch):
     assert record["steps"] == list(range(4, total + 1)) and record["scores"] == total - 3
     assert resumed == whole
     assert record["slimmed"][0] == widths and record["slimmed"][1]["search_steps"] == total
+
+
+@pytest.mark.parametrize("ces, num_teacher, expected", [
+    # The final sub-network has the lowest CE and would be teacher 0 if it were a candidate.
+    ([0.2, 0.6, 0.4, 0.9, 0.1], 5, [0, 2, 1, 3]),
+    # Levels 0.1, 0.367, 0.633 over the interim CEs pick the unpruned net (0.1), 0.3 and 0.7.
+    ([0.1, 0.5, 0.3, 0.7, 0.2, 0.9, 0.05], 3, [0, 2, 3]),
+    ([0.4], 5, [0]),  # a search that took no step: the unpruned net is the only teacher
+])
+def test_memory_bank_stage_teaches_with_the_interim_sub_networks_and_the_unpruned_one(
+        tmp_path, monkeypatch, ces, num_teacher, expected):
+    run = tmp_path / "run"
+    ctx = ekg_stage_context(tmp_path, run, "--num_teacher", str(num_teacher))
+    groups = nets.build("ResNet-20").prunable_groups()
+    rng = np.random.default_rng(0)
+    history = [({k: 1.0 - 0.05 * i for k in groups}, {k: rng.permutation(g.size) for k, g in groups.items()}, ce)
+               for i, ce in enumerate(ces)]
+    state = SearchState(dict(history[-1][0]), dict(history[-1][1]), np.zeros((20, 10), np.float32), len(ces),
+                        len(ces) - 1, history, [])
+    (run / ekg_method.STATE).write_text(json.dumps({**state.to_json(), "done": True}))
+    built = []
+
+    def fake_bank(search, teachers, dataset, num_examples, out=None):
+        built.append(teachers)
+        return np.zeros((num_examples, 10, len(teachers)), np.float32)
+
+    monkeypatch.setattr(ekg_method, "build_memory_bank", fake_bank)
+    EKG(ctx).memory_bank()
+    [teachers] = built
+    assert len(teachers) == len(expected) and np.load(run / ekg_method.BANK).shape == (40, 10, len(expected))
+    for (rates, orders), i in zip(teachers, expected):
+        assert rates == history[i][0] and all(np.array_equal(orders[k], history[i][1][k]) for k in groups)
