@@ -212,10 +212,13 @@ def parse_config(argv: Sequence[str] | None, preset: Config = Config(), descript
     config_file = args.pop("config")
     if config_file:
         try:
-            with open(config_file) as f:
+            with open(config_file, encoding="utf-8") as f:  # JSON is UTF-8, whatever the locale
                 overlay = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ConfigError(f"--config {config_file}: cannot read it ({err})") from None
+        if not isinstance(overlay, dict):
+            raise ConfigError(f"--config {config_file}: expected a JSON object of config fields, "
+                              f"got {type(overlay).__name__}")
         unknown = sorted(set(overlay) - set(values))
         if unknown:
             raise ConfigError(f"--config {config_file}: unknown field {unknown[0]!r}")
