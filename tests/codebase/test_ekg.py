@@ -228,8 +228,11 @@ def test_memory_bank_loss_by_hand():
     bank = np.repeat(bank, 2, axis=0)
     student = np.array([[0.0, 0.0, 0.0], [0.5, 0.2, 0.1]], np.float32)
 
+    def softmax(z):
+        return np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+
     def kl(a, b):
-        p, q = np.exp(a / t) / np.exp(a / t).sum(-1, keepdims=True), np.exp(b / t) / np.exp(b / t).sum(-1, keepdims=True)
+        p, q = softmax(a / t), softmax(b / t)
         return t * (p * (np.log(p) - np.log(q))).sum(-1)
 
     # Mean over two views of CE + KL_T(target || view), the target chosen on the views' mean
@@ -240,7 +243,7 @@ def test_memory_bank_loss_by_hand():
     labels = np.array([0, 2])
     per_example, logits, extras = loss_fn(model, (tf.constant(views), tf.constant(labels), tf.constant([0, 3])), True)
     target = select_teachers(bank, views.mean(1), t).numpy()
-    ce = [-np.log(np.exp(views[:, v]) / np.exp(views[:, v]).sum(-1, keepdims=True))[np.arange(2), labels] for v in (0, 1)]
+    ce = [-np.log(softmax(views[:, v]))[np.arange(2), labels] for v in (0, 1)]
     kd = [kl(target, views[:, v]) for v in (0, 1)]
     np.testing.assert_allclose(per_example, (ce[0] + ce[1] + kd[0] + kd[1]) / 2, rtol=1e-5)
     np.testing.assert_allclose(logits, views.mean(1), rtol=1e-6)
