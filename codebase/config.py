@@ -23,6 +23,7 @@ class Config:
     arch: str = "ResNet-56"
     dataset: str = "cifar10"
     data_path: Optional[str] = None
+    image_size: Optional[int] = None  # ImageNet only: input side (default: the dataset's 224)
     train_path: str = "runs/resnet56_cifar10"
     trained_param: Optional[str] = None
     method: str = "none"
@@ -96,7 +97,7 @@ class Config:
         if self.temperature < 0:
             raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
         self._validate_resrep()
-        for name in ("steps_per_epoch", "ckpt_every_steps"):
+        for name in ("steps_per_epoch", "ckpt_every_steps", "image_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name} must be positive, got {value!r}")
@@ -117,6 +118,7 @@ class Config:
         if self.batch_size % (self.num_replicas * self.accum):
             raise ConfigError(f"--batch_size {self.batch_size} must be a multiple of "
                               f"--num_replicas x --accum = {self.num_replicas * self.accum}")
+        dataset_options(self.dataset, self.image_size)
         if self.trained_param is not None and not os.path.isfile(self.trained_param):
             raise ConfigError(f"--trained_param {self.trained_param} does not exist")
         return self
@@ -154,6 +156,8 @@ _HELP = {
     "train_path": "output folder: config.json, checkpoints, TensorBoard logs, trained_params.pkl",
     "trained_param": "params pickle to start from ({'scope/var:0': ndarray}, EKG format)",
     "method": "compression method to run (none = plain training; the registered methods are listed on error)",
+    "image_size": "ImageNet input height and width (the evaluation resize keeps the standard 256/224 of it); "
+                  "small sizes make quick runs",
     "decay_points": "fractions of training at which the learning rate is multiplied by --decay_rate",
     "steps_per_epoch": "optimizer steps per epoch (default: one pass over the training set)",
     "gpu_id": "GPUs to use, e.g. '0' or '0,1' (default: all visible)",
@@ -186,6 +190,16 @@ _HELP = {
     "resrep_streams": "ResRep: also compact groups written by several convs, i.e. residual streams "
                       "(--no-resrep_streams: only single-writer groups, the paper's internal layers)",
 }
+
+
+def dataset_options(dataset: str, image_size: Optional[int]) -> dict:
+    """The `build_dataset` options of `--image_size`: ImageNet's crop, and its evaluation resize in
+    the standard 224:256 proportion; none without the flag. Raises ConfigError for another dataset."""
+    if image_size is None:
+        return {}
+    if str(dataset).strip().lower() != "imagenet":
+        raise ConfigError(f"--image_size applies to --dataset imagenet only, not {dataset}")
+    return dict(image_size=image_size, resize_size=round(image_size * 256 / 224))
 
 
 def _parser(defaults: Config, description: str) -> argparse.ArgumentParser:
