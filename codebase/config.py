@@ -1,7 +1,8 @@
 """The run configuration: one frozen dataclass, made once, saved with the run, never mutated.
 
-Precedence: dataclass defaults < the script's preset (CIFAR or ImageNet) < `--config FILE`
-(JSON) < command-line flags. Flag names are those of the EKG reference where they exist.
+Precedence: dataclass defaults < the script's preset (CIFAR or ImageNet) < the method's preset
+(`METHOD_PRESETS`) < `--config FILE` (JSON) < command-line flags. Flag names are those of the EKG
+reference where they exist.
 `validate()` turns every out-of-range value into a one-line `ConfigError`.
 """
 
@@ -222,18 +223,21 @@ def parse_config(argv: Sequence[str] | None, preset: Config = Config(), descript
     """Build the frozen config from a preset, an optional JSON file and the flags."""
     args = vars(_parser(preset, description).parse_args(argv))
     values = dataclasses.asdict(preset)
-    values.update(METHOD_PRESETS.get(args["method"] or preset.method, {}))
-    config_file = args.pop("config")
+    config_file, overlay = args.pop("config"), {}
     if config_file:
         try:
             with open(config_file) as f:
                 overlay = json.load(f)
         except (OSError, json.JSONDecodeError) as err:
             raise ConfigError(f"--config {config_file}: cannot read it ({err})") from None
+        if not isinstance(overlay, dict):
+            raise ConfigError(f"--config {config_file}: expected a JSON object of fields, got {type(overlay).__name__}")
         unknown = sorted(set(overlay) - set(values))
         if unknown:
             raise ConfigError(f"--config {config_file}: unknown field {unknown[0]!r}")
-        values.update(overlay)
+    # The method's preset sits under the file, whichever of the file and the flags names the method.
+    values.update(METHOD_PRESETS.get(args["method"] or overlay.get("method") or preset.method, {}))
+    values.update(overlay)
     values.update({k: v for k, v in args.items() if v is not None})
     values["decay_points"] = tuple(values["decay_points"])
     return Config(**values).validate()
