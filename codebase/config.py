@@ -1,7 +1,8 @@
 """The run configuration: one frozen dataclass, made once, saved with the run, never mutated.
 
-Precedence: dataclass defaults < the script's preset (CIFAR or ImageNet) < `--config FILE`
-(JSON) < command-line flags. Flag names are those of the EKG reference where they exist.
+Precedence: dataclass defaults < the script's preset (CIFAR or ImageNet) < the method's preset
+(`METHOD_PRESETS`) < `--config FILE` (JSON) < command-line flags. Flag names are those of the EKG
+reference where they exist.
 `validate()` turns every out-of-range value into a one-line `ConfigError`.
 """
 
@@ -23,6 +24,7 @@ class Config:
     arch: str = "ResNet-56"
     dataset: str = "cifar10"
     data_path: Optional[str] = None
+    image_size: Optional[int] = None  # ImageNet only: input side (default: the dataset's 224)
     train_path: str = "runs/resnet56_cifar10"
     trained_param: Optional[str] = None
     method: str = "none"
@@ -96,7 +98,7 @@ class Config:
         if self.temperature < 0:
             raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
         self._validate_resrep()
-        for name in ("steps_per_epoch", "ckpt_every_steps"):
+        for name in ("steps_per_epoch", "ckpt_every_steps", "image_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name} must be positive, got {value!r}")
@@ -117,6 +119,7 @@ class Config:
         if self.batch_size % (self.num_replicas * self.accum):
             raise ConfigError(f"--batch_size {self.batch_size} must be a multiple of "
                               f"--num_replicas x --accum = {self.num_replicas * self.accum}")
+        dataset_options(self.dataset, self.image_size)
         if self.trained_param is not None and not os.path.isfile(self.trained_param):
             raise ConfigError(f"--trained_param {self.trained_param} does not exist")
         return self
@@ -154,6 +157,8 @@ _HELP = {
     "train_path": "output folder: config.json, checkpoints, TensorBoard logs, trained_params.pkl",
     "trained_param": "params pickle to start from ({'scope/var:0': ndarray}, EKG format)",
     "method": "compression method to run (none = plain training; the registered methods are listed on error)",
+    "image_size": "ImageNet input height and width (the evaluation resize keeps the standard 256/224 of it); "
+                  "small sizes make quick runs",
     "decay_points": "fractions of training at which the learning rate is multiplied by --decay_rate",
     "steps_per_epoch": "optimizer steps per epoch (default: one pass over the training set)",
     "gpu_id": "GPUs to use, e.g. '0' or '0,1' (default: all visible)",
@@ -188,6 +193,16 @@ _HELP = {
 }
 
 
+def dataset_options(dataset: str, image_size: Optional[int]) -> dict:
+    """The `build_dataset` options of `--image_size`: ImageNet's crop, and its evaluation resize in
+    the standard 224:256 proportion; none without the flag. Raises ConfigError for another dataset."""
+    if image_size is None:
+        return {}
+    if str(dataset).strip().lower() != "imagenet":
+        raise ConfigError(f"--image_size applies to --dataset imagenet only, not {dataset}")
+    return dict(image_size=image_size, resize_size=round(image_size * 256 / 224))
+
+
 def _parser(defaults: Config, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="JSON file of config fields (flags override it)")
@@ -208,8 +223,7 @@ def parse_config(argv: Sequence[str] | None, preset: Config = Config(), descript
     """Build the frozen config from a preset, an optional JSON file and the flags."""
     args = vars(_parser(preset, description).parse_args(argv))
     values = dataclasses.asdict(preset)
-    values.update(METHOD_PRESETS.get(args["method"] or preset.method, {}))
-    config_file = args.pop("config")
+    config_file, overlay = args.pop("config"), {}
     if config_file:
         try:
             with open(config_file, encoding="utf-8") as f:  # JSON is UTF-8, whatever the locale
@@ -222,7 +236,9 @@ def parse_config(argv: Sequence[str] | None, preset: Config = Config(), descript
         unknown = sorted(set(overlay) - set(values))
         if unknown:
             raise ConfigError(f"--config {config_file}: unknown field {unknown[0]!r}")
-        values.update(overlay)
+    # The method's preset sits under the file, whichever of the file and the flags names the method.
+    values.update(METHOD_PRESETS.get(args["method"] or overlay.get("method") or preset.method, {}))
+    values.update(overlay)
     values.update({k: v for k, v in args.items() if v is not None})
     values["decay_points"] = tuple(values["decay_points"])
     return Config(**values).validate()

@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 import nets
-from codebase.config import Config
+from codebase.config import Config, dataset_options
 from dataloader import build_dataset
 from op_utils import loop, optim, schedules
 from op_utils.strategy import make_strategy, resolve_xla
@@ -63,7 +63,7 @@ class RunContext:
         self.cfg = cfg
         self.strategy = make_strategy(cfg.gpu_id, cfg.num_replicas)
         self.xla = resolve_xla(cfg.compile)
-        self.data = build_dataset(cfg.dataset, cfg.data_path)
+        self.data = build_dataset(cfg.dataset, cfg.data_path, **dataset_options(cfg.dataset, cfg.image_size))
         self.info = self.data.info
         os.makedirs(cfg.train_path, exist_ok=True)
 

@@ -7,6 +7,7 @@ import json
 import os
 import time
 
+from codebase.config import dataset_options
 from utils.errors import ConfigError
 
 
@@ -15,6 +16,8 @@ def parse_args(argv):
     p.add_argument("--arch", default="ResNet-56")
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--data_path", default=None)
+    p.add_argument("--image_size", type=int, default=None,
+                   help="ImageNet input height and width, as the run was trained (default: 224)")
     p.add_argument("--trained_param", required=True, help="params pickle ({'scope/var:0': ndarray})")
     p.add_argument("--val_batch_size", type=int, default=250)
     p.add_argument("--batch_size", type=int, default=1, help="batch size of the latency measurement")
@@ -27,9 +30,10 @@ def parse_args(argv):
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"))
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
-    for name in ("val_batch_size", "batch_size", "latency_runs", "num_replicas", "pad_to"):
-        if getattr(args, name) < 1:
+    for name in ("val_batch_size", "batch_size", "latency_runs", "num_replicas", "pad_to", "image_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be positive, got {getattr(args, name)}")
+    dataset_options(args.dataset, args.image_size)
     if not os.path.isfile(args.trained_param):
         raise ConfigError(f"--trained_param {args.trained_param} does not exist")
     return args
@@ -60,7 +64,7 @@ def evaluate(args) -> dict:
 
     strategy = make_strategy(args.gpu_id, args.num_replicas)
     xla = resolve_xla(args.compile)
-    data = build_dataset(args.dataset, args.data_path)
+    data = build_dataset(args.dataset, args.data_path, **dataset_options(args.dataset, args.image_size))
     info = data.info
     with strategy.scope():
         net = load_net(args.arch, args.trained_param, num_classes=info.num_classes, input_size=info.image_shape[0])

@@ -26,9 +26,9 @@ from utils.seed import set_seed
 log = get_logger(__name__)
 
 
-# Flags that may differ between the runs of one folder: run control, and memory knobs that do
-# not change any result.
-_RUN_CONTROL = ("resume", "stop_after", "recompute", "search_cache_mb")
+# Flags that may differ between the runs of one folder: run control, the folder's own path (a run
+# moved or copied elsewhere resumes there), and memory knobs that do not change any result.
+_RUN_CONTROL = ("resume", "stop_after", "train_path", "recompute", "search_cache_mb")
 
 
 def _check_run_folder(cfg: Config) -> None:
