@@ -1,9 +1,13 @@
 """Small helpers shared by the nets tests."""
 
 import numpy as np
+import tensorflow as tf
 
 import nets
 from nets.registry import lookup
+from op_utils.optim import SGD
+from op_utils.strategy import make_strategy
+from op_utils.trainer import Trainer
 
 # Test-sized configs: ImageNet nets at 64x64 keep the structure (every stride) but run fast.
 SMALL = {
@@ -90,3 +94,45 @@ def random_masks(net, seed=0, single=None):
             keep = rng.choice(group.size, size=count, replace=False)
         group.keep(keep)
 
+
+def tiny_resnet(renorm=False, seed=2):
+    """A masked CIFAR ResNet of one block per stage on 8x8 inputs, random params and masks.
+
+    One block per stage keeps every code path of the deeper ResNets (an identity and two
+    projection shortcuts, five segments) at a fraction of their trace and XLA compile time.
+    """
+    net = small_net("ResNet-20", blocks=[1, 1, 1], input_size=8)
+    randomise(net)
+    random_masks(net, seed=seed)
+    net.options.set(renorm=renorm)
+    return net
+
+
+def train_steps(net_fn, steps=2, batch=8, replicas=1, accum=1, xla=False, seed=1):
+    """Trains a net through `op_utils.trainer.Trainer` (SGD with momentum) on fixed random data.
+
+    Args:
+        net_fn: builds the net; called inside the strategy's scope.
+        steps, batch: optimizer steps of `batch` examples each.
+        replicas, accum, xla: the engine's modes.
+        seed: of the data.
+
+    Returns:
+        `(net, trainer, the losses of the steps, params before training, params after)`.
+    """
+    strategy = make_strategy(num_replicas=replicas)
+    with strategy.scope():
+        net = net_fn()
+    before = net.get_params()
+    trainer = Trainer(strategy, net, SGD(0.05, momentum=0.9, weight_decay=1e-4), global_batch_size=batch,
+                      accum=accum, xla=xla)
+    x = input_for(net, batch=batch * steps, seed=seed)
+    y = np.arange(batch * steps) % net.groups["logits"].size
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
+    losses = [float(trainer.train_step(b)["loss"]) for b in strategy.experimental_distribute_dataset(ds)]
+    return net, trainer, losses, before, net.get_params()
+
+
+def trainable_keys(net):
+    """The param keys of the variables an optimizer updates."""
+    return [key for key, var in net.param_vars().items() if var.trainable]
