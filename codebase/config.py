@@ -34,7 +34,8 @@ class RunConfig(Options):
     arch: str = option("ResNet-56", "network, e.g. ResNet-56, ResNet-50, MobileNetV2, VGG-16, LeNet-5")
     dataset: str = option("cifar10", "cifar10, cifar100, imagenet or mnist")
     data_path: Optional[str] = option(None, "dataset folder or archive (default: download through tf.keras.datasets)")
-    image_size: Optional[int] = option(None, "ImageNet: train and test at this input size (default: the net's, 224)")
+    image_size: Optional[int] = option(None, "ImageNet: train and test at this input size (crop; evaluation resize in "
+                                             "the standard 224:256 proportion; default 224)")
     train_path: str = option("runs/resnet56_cifar10", "output folder: config.json, log.txt, one folder per step, "
                                                       "results.json, the final trained_params.pkl",
                              run_control=True)  # a run folder may be moved before it is resumed
@@ -68,6 +69,7 @@ class RunConfig(Options):
                  baseline_learning_rate=self.baseline_learning_rate, image_size=self.image_size)
         if self.trained_param is not None and not os.path.isfile(self.trained_param):
             raise ConfigError(f"--trained_param {self.trained_param} does not exist")
+        dataset_options(self.dataset, self.image_size)
 
     def methods(self) -> list:
         return [m.strip() for m in self.method.split(",")]
@@ -267,6 +269,16 @@ def validate(cfg: Config) -> Config:
         step.options.validate(run=cfg.run, optim=step.optim)
         cls.check_chain(cfg, index)
     return cfg
+
+
+def dataset_options(dataset: str, image_size: Optional[int]) -> dict:
+    """The `build_dataset` options of `--image_size`: ImageNet's crop, and its evaluation resize in
+    the standard 224:256 proportion; none without the flag. Raises ConfigError for another dataset."""
+    if image_size is None:
+        return {}
+    if str(dataset).strip().lower() != "imagenet":
+        raise ConfigError(f"--image_size applies to --dataset imagenet only, not {dataset}")
+    return dict(image_size=image_size, resize_size=round(image_size * 256 / 224))
 
 
 def _parser(description: str, script: dict) -> argparse.ArgumentParser:

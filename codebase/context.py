@@ -21,7 +21,7 @@ import numpy as np
 import nets
 from nets.base import Net
 from codebase.artifacts import load_net, read_spec, save_net
-from codebase.config import Config, OptimConfig, Step
+from codebase.config import Config, OptimConfig, Step, dataset_options
 from dataloader import build_dataset
 from op_utils import loop, optim, schedules
 from op_utils.evaluate import Evaluator
@@ -45,12 +45,7 @@ class RunContext:
         run = cfg.run
         self.strategy = make_strategy(run.gpu_id, run.num_replicas)
         self.xla = resolve_xla(run.compile)
-        options = {}
-        if run.image_size is not None:
-            if run.dataset.lower() != "imagenet":
-                raise ConfigError(f"--image_size applies to --dataset imagenet, not {run.dataset}")
-            options["image_size"] = run.image_size
-        self.data = build_dataset(run.dataset, run.data_path, **options)
+        self.data = build_dataset(run.dataset, run.data_path, **dataset_options(run.dataset, run.image_size))
         self.info = self.data.info
         self.devices = describe_devices(self.strategy)
         os.makedirs(run.train_path, exist_ok=True)

@@ -7,6 +7,7 @@ import json
 import os
 import time
 
+from codebase.config import dataset_options
 from utils.errors import ConfigError
 
 
@@ -16,7 +17,8 @@ def parse_args(argv):
                                                 "else ResNet-56)")
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--data_path", default=None)
-    p.add_argument("--image_size", type=int, default=None, help="ImageNet: evaluate at this input size")
+    p.add_argument("--image_size", type=int, default=None,
+                   help="ImageNet input height and width, as the run was trained (default: 224)")
     p.add_argument("--trained_param", required=True, help="params pickle ({'scope/var:0': ndarray}); any step's "
                                                           "<train_path>/<step>/trained_params.pkl")
     p.add_argument("--val_batch_size", type=int, default=250)
@@ -35,6 +37,7 @@ def parse_args(argv):
             raise ConfigError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.image_size is not None and args.image_size < 1:
         raise ConfigError(f"--image_size must be positive, got {args.image_size}")
+    dataset_options(args.dataset, args.image_size)
     if not os.path.isfile(args.trained_param):
         raise ConfigError(f"--trained_param {args.trained_param} does not exist")
     return args
@@ -65,8 +68,7 @@ def evaluate(args) -> dict:
 
     strategy = make_strategy(args.gpu_id, args.num_replicas)
     xla = resolve_xla(args.compile)
-    options = {} if args.image_size is None else {"image_size": args.image_size}
-    data = build_dataset(args.dataset, args.data_path, **options)
+    data = build_dataset(args.dataset, args.data_path, **dataset_options(args.dataset, args.image_size))
     info = data.info
     arch = args.arch or (None if read_spec(args.trained_param) else "ResNet-56")
     with strategy.scope():

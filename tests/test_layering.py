@@ -1,7 +1,11 @@
-"""Imports flow one way: utils <- op_utils <- nets <- codebase <- scripts; dataloader uses utils only."""
+"""Imports flow one way: utils <- op_utils <- nets <- codebase <- scripts; dataloader uses utils only.
+
+This is the one place the import rules are checked, for every module of every package.
+"""
 
 import ast
 import pathlib
+import sys
 
 import pytest
 
@@ -14,6 +18,10 @@ ALLOWED = {
     "codebase": {"utils", "op_utils", "nets", "dataloader", "codebase"},
 }
 PROJECT = set(ALLOWED) | {"tests", "train_cifar", "train_imagenet", "test", "benchmarks"}
+# Packages held to a list of third-party imports as well (any other: the standard library only).
+THIRD_PARTY = {
+    "dataloader": {"numpy", "tensorflow"},  # data must load wherever TensorFlow runs, with nothing else
+}
 
 
 def imported_packages(path):
@@ -31,6 +39,14 @@ def test_imports_flow_one_way(package):
         for name in imported_packages(path):
             if name in PROJECT:
                 assert name in ALLOWED[package], f"{path.relative_to(ROOT)} imports {name}"
+
+
+@pytest.mark.parametrize("package", sorted(THIRD_PARTY))
+def test_third_party_imports_are_listed(package):
+    for path in (ROOT / package).rglob("*.py"):
+        for name in imported_packages(path):
+            if name not in PROJECT and name not in sys.stdlib_module_names:
+                assert name in THIRD_PARTY[package], f"{path.relative_to(ROOT)} imports {name}"
 
 
 def test_scripts_import_only_codebase():

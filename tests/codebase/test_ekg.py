@@ -1,6 +1,9 @@
-"""EKG pieces: score taps, trimmed Otsu, a search step, resume, teachers and the KD loss."""
+"""EKG pieces: trimmed Otsu, the search (its steps, round_to, cached segments, checkpointed scores,
+no retracing, resume in itself and in its stage), the memory bank's teachers and the KD loss."""
 
+import collections
 import json
+import os
 
 import numpy as np
 import pytest
@@ -8,38 +11,17 @@ import tensorflow as tf
 
 import nets
 import train_cifar
+from codebase.config import parse_config
+from codebase.context import RunContext, save_net
+from codebase.methods.ekg import method as ekg_method
 from codebase.methods.ekg.memory_bank import build_memory_bank, pick_teachers
-from codebase.methods.ekg.method import memory_bank_loss, search_subsets
+from codebase.methods.ekg.method import EKG, memory_bank_loss, search_subsets
 from codebase.methods.ekg.search import GreedySearch, SearchState, keep_count, trimmed_otsu
-from op_utils.losses import kl_t, select_teachers
-from op_utils.taps import score_tap
+from op_utils.losses import select_teachers
+from nets.base import Net
 from tests.dataloader.fakes import write_cifar10
 from tests.nets.helpers import randomise
 from utils.errors import ConfigError
-
-
-def test_score_tap_is_identity_with_taylor_gradient():
-    rng = np.random.default_rng(0)
-    y = tf.constant(rng.normal(size=(4, 3, 3, 5)), tf.float32)
-    w = tf.constant(rng.normal(size=(4, 3, 3, 5)), tf.float32)
-    probe = tf.zeros([5])
-
-    def loss(t):
-        return tf.reduce_sum(w * t) + 0.01 * tf.reduce_sum(t ** 2)
-
-    with tf.GradientTape() as tape:
-        tape.watch(probe)
-        out = score_tap(y, probe)
-        value = loss(out)
-    np.testing.assert_array_equal(out, y)
-    score = tape.gradient(value, probe).numpy()
-    # The score is |first-order change of the loss when the channel is zeroed|.
-    for c in range(5):
-        zeroed = y.numpy().copy()
-        zeroed[..., c] = 0
-        change = float(loss(y) - loss(tf.constant(zeroed)))
-        quadratic = 0.01 * float(tf.reduce_sum(y[..., c] ** 2))
-        assert score[c] == pytest.approx(abs(change + quadratic), rel=1e-4)
 
 
 def test_trimmed_otsu_splits_two_clusters():
@@ -72,8 +54,60 @@ def tiny_search(target=0.8, **kwargs):
     return GreedySearch(net, images, labels, target_rate=target, batch_size=16, **kwargs)
 
 
+class StubScores:
+    """Cheap stand-ins for a search's compiled `score` and `evaluate`, for tests of its host logic
+    (candidates, steps, rates, the `round_to` lattice, resume); installed on `search` when made.
+
+    Both are deterministic functions of the masks and the ensemble knowledge. A live channel
+    scores a fixed importance perturbed by the knowledge, so channel orders change from step to
+    step; masked channels score 0, as through the taps. Logits move with the importance each
+    group keeps, and `J` adds their distance to the knowledge. A search that lost any part of its
+    state (rates, orders, knowledge, members) therefore ends elsewhere. `calls` counts the calls.
+    """
+
+    def __init__(self, search, seed=0):
+        rng = np.random.default_rng(seed)
+        self.groups = search.groups
+        self.importance = {k: rng.uniform(0.1, 1.0, g.size) for k, g in self.groups.items()}
+        self.weight = {k: rng.uniform(0.5, 1.5) for k in self.groups}
+        classes = search.net.groups["logits"].size
+        self.direction = {k: rng.normal(size=(search.count, classes)) for k in self.groups}
+        self.calls = collections.Counter()
+        search.score, search.evaluate = self.score, self.evaluate
+
+    def score(self, knowledge):
+        self.calls["score"] += 1
+        phase = float(np.abs(knowledge).sum())
+        return {k: self.importance[k] * (1.0 + 0.5 * np.cos(phase + np.arange(g.size))) * g.mask_numpy()
+                for k, g in self.groups.items()}
+
+    def evaluate(self, knowledge, key=None):
+        self.calls["evaluate"] += 1
+        kept = {k: float((self.importance[k] * g.mask_numpy()).sum() / self.importance[k].sum())
+                for k, g in self.groups.items()}
+        logits = sum(kept[k] * self.direction[k] for k in self.groups).astype(np.float32)
+        ce = sum(self.weight[k] * (1.0 - kept[k]) for k in self.groups)
+        j = ce + 0.01 * float(np.mean((logits - knowledge) ** 2))
+        return logits, 1.0 / (1.0 + ce), ce, j
+
+
+def stubbed_search(target=0.8, **kwargs):
+    """A tiny search with `StubScores`: nothing is traced or run on the net."""
+    search = tiny_search(target, **kwargs)
+    return search, StubScores(search)
+
+
+@pytest.fixture(scope="module")
+def traced():
+    """One tiny search run for real, shared by the tests that need its compiled passes: tracing
+    them is most of such a test's cost. Each test sets the masks it needs (`initial_state()`,
+    `apply`); the search's BatchNorms never update their statistics, so nothing else carries over.
+    """
+    return tiny_search()
+
+
 def test_one_step_takes_the_lowest_objective_among_otsu_candidates(monkeypatch):
-    search = tiny_search()
+    search, _ = stubbed_search()
     state = search.initial_state()
     keys = search.keys
     known = {k: np.linspace(1, 2, search.groups[k].size) * (0.01 if k == keys[3] else 1.0) for k in keys}
@@ -104,25 +138,54 @@ def test_one_step_takes_the_lowest_objective_among_otsu_candidates(monkeypatch):
     assert all(state.rates[k] == 1.0 for k in keys if k != best)
 
 
-def test_search_reaches_target_without_retracing_and_resumes(tmp_path):
+def test_search_reaches_target_without_retracing(traced, monkeypatch):
+    traces = []
+    monkeypatch.setattr(traced, "on_step", lambda state, info: traces.append(traced.trace_count))
+    final = traced.run()
+    assert traced.flops_rate(final.rates) <= 0.8 < traced.flops_rate(final.history[-2][0])
+    assert final.curves[-1][3] == pytest.approx(traced.flops_rate(final.rates))
+    # Every compiled function is traced once, in the first step (or by an earlier test on this
+    # search): the steps after it, with other widths everywhere, trace nothing.
+    functions = len(traced._segment_fns) + len(traced._chunk_fns) + 1  # segments, score chunks, metrics
+    assert final.step > 1 and traces == [functions] * final.step
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop", [1, 4, "last"])
+def test_search_resumes_after_the_last_saved_step(stop):
+    whole = stubbed_search()[0].run()
+    stop = whole.step if stop == "last" else stop
+    saved = []
+
+    def interrupt(state, info):
+        saved.append(json.dumps(state.to_json()))  # what EKG.search writes after every step
+        if state.step == stop:
+            raise Interrupted
+
+    search, _ = stubbed_search()
+    search.on_step = interrupt
+    with pytest.raises(Interrupted):
+        search.run()
+    # A new search (a new process: fresh masks) continues from the saved state.
+    search, stub = stubbed_search()
     steps = []
-    search = tiny_search(on_step=lambda state, info: steps.append(json.dumps(state.to_json())))
-    final = search.run()
-    assert search.flops_rate(final.rates) <= 0.8 < search.flops_rate(final.history[-2][0])
-    traces = search.trace_count
-    tiny_trace = tiny_search()
-    tiny_trace.run(SearchState.from_json(json.loads(steps[0])))
-    # Later steps trace nothing: every function is traced once per batch shape in the first step.
-    assert tiny_trace.trace_count == traces
-    assert final.curves[-1][3] == pytest.approx(search.flops_rate(final.rates))
-    # Resume from the state saved after step 2: the search ends where the uninterrupted one did.
-    resumed = tiny_search().run(SearchState.from_json(json.loads(steps[1])))
-    assert resumed.rates == final.rates
-    assert all(np.array_equal(resumed.orders[k], final.orders[k]) for k in final.orders)
+    search.on_step = lambda state, info: steps.append(state.step)
+    resumed = search.run(SearchState.from_json(json.loads(saved[-1])))
+    # Only the steps after the saved one ran (a restart would run them all and end in the same
+    # place: the search is deterministic), and they continued its history and ensemble.
+    assert steps == list(range(stop + 1, whole.step + 1)) and stub.calls["score"] == whole.step - stop
+    assert resumed.step == whole.step and resumed.members == whole.members == whole.step + 1
+    assert len(resumed.history) == whole.step + 1 and resumed.curves == whole.curves
+    np.testing.assert_array_equal(resumed.knowledge, whole.knowledge)
+    assert json.dumps(resumed.to_json()) == json.dumps(whole.to_json())  # rates, orders and history too
+    assert search.widths(resumed.rates) == {k: g.active() for k, g in search.groups.items()}
 
 
 def test_round_to_keeps_every_width_a_multiple_and_stops_where_it_must():
-    search = tiny_search(target=0.5, round_to=8)
+    search, _ = stubbed_search(target=0.5, round_to=8)
     state = search.initial_state()
     # A fresh 16-channel group steps to 8 whatever its coarse step; an 8-channel one cannot shrink.
     stem = search.keys[0]
@@ -135,11 +198,11 @@ def test_round_to_keeps_every_width_a_multiple_and_stops_where_it_must():
     assert any(w < search.groups[k].size for k, w in widths.items())
     # 16 on 16/32/64-channel groups: the stage-1 groups cannot shrink, so 0.2 is out of reach.
     with pytest.raises(ConfigError, match="cannot go below .* with --search_round_to 16"):
-        tiny_search(target=0.2, round_to=16).run()
+        stubbed_search(target=0.2, round_to=16)[0].run()
 
 
-def test_candidates_evaluated_from_cached_segments_match_a_full_pass():
-    search = tiny_search()
+def test_candidates_evaluated_from_cached_segments_match_a_full_pass(traced):
+    search = traced
     state = search.initial_state()
     search.apply(state.rates, state.orders)
     search._run_segments(0, keep_cache=True)
@@ -159,32 +222,28 @@ def test_pick_teachers_at_even_loss_levels():
     assert pick_teachers([0.3, 0.1], 5) == [1, 0]
 
 
-def test_select_teachers_and_kd_loss_by_hand():
+def test_memory_bank_loss_by_hand():
     t = 4.0
     bank = np.array([[[2.0, 0.0, 1.5], [0.0, 1.0, 0.0], [-1.0, 0.0, -1.0]]], np.float32)  # [1, 3 classes, 3 teachers]
     bank = np.repeat(bank, 2, axis=0)
     student = np.array([[0.0, 0.0, 0.0], [0.5, 0.2, 0.1]], np.float32)
 
+    def softmax(z):
+        return np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+
     def kl(a, b):
-        p, q = np.exp(a / t) / np.exp(a / t).sum(-1, keepdims=True), np.exp(b / t) / np.exp(b / t).sum(-1, keepdims=True)
+        p, q = softmax(a / t), softmax(b / t)
         return t * (p * (np.log(p) - np.log(q))).sum(-1)
 
-    top = bank[:, :, 0]
-    d_student = kl(top, student).sum()
-    d_teachers = [kl(top, bank[:, :, k]).sum() for k in range(3)]
-    chosen = [k for k in range(3) if d_teachers[k] < d_student]
-    expected_target = bank[:, :, chosen].mean(-1)
-    np.testing.assert_allclose(select_teachers(bank, student, t), expected_target, rtol=1e-5)
-    np.testing.assert_allclose(kl_t(top, student, t), kl(top, student), rtol=1e-5)
-
-    # The memory-bank loss: mean over two views of CE + KL_T(target || view).
+    # Mean over two views of CE + KL_T(target || view), the target chosen on the views' mean
+    # (select_teachers: tests/op_utils/test_losses.py).
     views = np.stack([student, student + 0.3], axis=1)  # [2, views, classes]
     model = lambda x, training: x  # noqa: E731  the "net" returns its input as logits
     loss_fn = memory_bank_loss(np.concatenate([bank, bank]), t)
     labels = np.array([0, 2])
     per_example, logits, extras = loss_fn(model, (tf.constant(views), tf.constant(labels), tf.constant([0, 3])), True)
     target = select_teachers(bank, views.mean(1), t).numpy()
-    ce = [-np.log(np.exp(views[:, v]) / np.exp(views[:, v]).sum(-1, keepdims=True))[np.arange(2), labels] for v in (0, 1)]
+    ce = [-np.log(softmax(views[:, v]))[np.arange(2), labels] for v in (0, 1)]
     kd = [kl(target, views[:, v]) for v in (0, 1)]
     np.testing.assert_allclose(per_example, (ce[0] + ce[1] + kd[0] + kd[1]) / 2, rtol=1e-5)
     np.testing.assert_allclose(logits, views.mean(1), rtol=1e-6)
@@ -194,16 +253,47 @@ def test_select_teachers_and_kd_loss_by_hand():
     np.testing.assert_allclose(streamed, per_example, rtol=1e-3)
 
 
+class TwoConv(Net):
+    """conv - BN - ReLU - conv - BN - ReLU - mean - dense, tapped like the registered nets: its
+    forward traces in a fraction of ResNet-20's time."""
+
+    def __init__(self, arch="TwoConv", widths=None, masked=True):
+        super().__init__(arch, {}, widths, masked)
+        image, a, b = self.group("input", 3, prunable=False), self.group("a", 8), self.group("b", 6)
+        self.conv1 = self.conv("conv1", image, a, 3, (8, 8))
+        self.bn1 = self.bn("bn1", a, (8, 8))
+        self.conv2 = self.conv("conv2", a, b, 3, (8, 8))
+        self.bn2 = self.bn("bn2", b, (8, 8))
+        self.head = self.fc("fc", b, self.group("logits", 4, prunable=False))
+        self._check_widths_used()
+
+    def forward(self, x, training, tap=None):
+        x = self.tapped(tap, self.bn1.group, tf.nn.relu(self.bn1(self.conv1(x), training)))
+        x = self.tapped(tap, self.bn2.group, tf.nn.relu(self.bn2(self.conv2(x), training)))
+        return self.head(tf.reduce_mean(x, [1, 2]))
+
+
 def test_memory_bank_fills_a_float16_file_like_the_in_memory_bank(tmp_path):
-    search = tiny_search()
-    state = search.initial_state()
-    teachers = [(state.rates, state.orders), ({k: 0.5 for k in search.keys}, state.orders)]
-    images = np.random.default_rng(3).normal(size=(10, 8, 8, 3)).astype(np.float32)
-    dataset = tf.data.Dataset.from_tensor_slices((images, np.zeros(10, np.int32), np.arange(10))).batch(4)
+    # Each bank traces its own forward pass: on a small net, as the bank does not depend on it.
+    rng = np.random.default_rng(3)
+    images = rng.normal(size=(10, 8, 8, 3)).astype(np.float32)
+    net = TwoConv()
+    randomise(net, seed=1)
+    search = GreedySearch(net, images, rng.integers(0, 4, 10), batch_size=5)
+    full = ({k: 1.0 for k in search.keys}, {k: rng.permutation(g.size) for k, g in search.groups.items()})
+    teachers = [full, ({k: 0.5 for k in search.keys}, full[1])]
+    index = rng.permutation(10)  # each batch's logits land at its examples' rows
+    dataset = tf.data.Dataset.from_tensor_slices((images, np.zeros(10, np.int32), index)).batch(5)
     in_memory = build_memory_bank(search, teachers, dataset, 10)
     on_disk = np.memmap(tmp_path / "bank.f16", np.float16, "w+", shape=(10, 4, 2))
     build_memory_bank(search, teachers, dataset, 10, out=on_disk)
-    assert in_memory.shape == (10, 4, 2) and not np.allclose(in_memory[..., 0], in_memory[..., 1])
+    expected = np.zeros((10, 4, 2), np.float32)
+    for t, (rates, orders) in enumerate(teachers):
+        search.apply(rates, orders)
+        for begin in (0, 5):  # batch statistics, as in the search
+            expected[index[begin:begin + 5], :, t] = net(images[begin:begin + 5], training=True).numpy()
+    np.testing.assert_allclose(in_memory, expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(in_memory[..., 0], in_memory[..., 1])
     np.testing.assert_allclose(on_disk, in_memory, rtol=2e-3, atol=2e-3)
 
 
@@ -227,10 +317,11 @@ def test_pruning_pipeline_smoke(method, tmp_path):
         assert json.loads((run / "stages.json").read_text())[-1] == "test"
 
 
-@pytest.mark.parametrize("cache_mb", [1024, 0.001])
-def test_checkpointed_scores_equal_one_tape_over_the_whole_net(cache_mb):
-    # cache_mb=0.001 caches only every few segment inputs: chunks of several segments.
-    search = tiny_search(cache_mb=cache_mb)
+@pytest.mark.parametrize("chunks", ["one segment each", "three segments each"])
+def test_checkpointed_scores_equal_one_tape_over_the_whole_net(chunks, traced):
+    # A small cache keeps every third segment input: the score pass back-propagates chunks of three.
+    search = traced if chunks == "one segment each" else tiny_search(cache_mb=0.2)
+    assert search.cached == (list(range(11)) if search is traced else [0, 3, 6, 9])
     state = search.initial_state()
     rates = {k: (0.5 if i % 2 else 1.0) for i, k in enumerate(search.keys)}
     search.apply(rates, state.orders)
@@ -253,9 +344,9 @@ def test_checkpointed_scores_equal_one_tape_over_the_whole_net(cache_mb):
     assert any(expected[k].any() for k in search.keys)
 
 
-def test_score_drops_the_previous_cache_before_building_the_next():
+def test_score_drops_the_previous_cache_before_building_the_next(traced, monkeypatch):
     # Rebuilt beside the old one, two caches (350 MB each for ResNet-56 on 320 images) would be alive at once.
-    search = tiny_search()
+    search = traced
     state = search.initial_state()
     search.score(state.knowledge)
     alive = []
@@ -266,6 +357,101 @@ def test_score_drops_the_previous_cache_before_building_the_next():
             alive.append(search._cache)
         return run(start, keep_cache)
 
-    search._run_segments = spy
+    monkeypatch.setattr(search, "_run_segments", spy)
     search.score(state.knowledge)
     assert alive == [None] and search._cache is not None
+
+
+def ekg_stage_context(tmp_path, run, *flags):
+    """A RunContext of `--method ekg` (and `flags`) on 40 fake CIFAR-10 images, its warm-up net
+    saved in `run`: what the search and memory-bank stages read."""
+    data = tmp_path / "data"
+    if not data.exists():
+        write_cifar10(data, per_batch=8, num_test=4)
+    cfg = parse_config(["--method", "ekg", "--arch", "ResNet-20", "--data_path", str(data / "cifar-10-batches-py"),
+                        "--train_path", str(run), "--search_train_per_class", "2", "--search_val_per_class", "2",
+                        "--search_batch_size", "16", "--search_target_rate", "0.8", *flags])
+    ctx = RunContext(cfg)
+    if not os.path.exists(ctx.path(ekg_method.WARM)):
+        warm = nets.build("ResNet-20")
+        randomise(warm, seed=1)
+        save_net(warm, ctx.path(ekg_method.WARM))
+    return ctx
+
+
+def test_search_stage_resumes_after_the_last_saved_step(tmp_path, monkeypatch):
+    record = {"steps": [], "scores": 0, "crash_after": None, "slimmed": None}
+
+    class Stubbed(GreedySearch):
+        """The stage's search on stubbed scoring, logging its steps; with `crash_after` k it dies
+        in step k + 1, after `on_step` saved step k."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            stub, on_step = StubScores(self), self.on_step
+
+            def score(knowledge):
+                if record["scores"] == record["crash_after"]:
+                    raise Interrupted
+                record["scores"] += 1
+                return stub.score(knowledge)
+
+            def logged(state, info):
+                on_step(state, info)
+                record["steps"].append(state.step)
+
+            self.score, self.on_step = score, logged
+
+    monkeypatch.setattr(ekg_method, "GreedySearch", Stubbed)
+    # Slimming, BN re-estimation and evaluation are the pruning stages' (tested with them).
+    monkeypatch.setattr(EKG, "save_slimmed", lambda self, net, info: record.update(slimmed=(net.widths(), info)))
+
+    def search_stage(run, crash_after=None):
+        record.update(steps=[], scores=0, crash_after=crash_after, slimmed=None)
+        EKG(ekg_stage_context(tmp_path, run)).search()
+        return json.loads((run / ekg_method.STATE).read_text())
+
+    whole = search_stage(tmp_path / "whole")
+    total, widths, info = whole["step"], *record["slimmed"]
+    assert whole["done"] and record["steps"] == list(range(1, total + 1)) and total > 4
+    with pytest.raises(Interrupted):
+        search_stage(tmp_path / "run", crash_after=3)
+    saved = json.loads((tmp_path / "run" / ekg_method.STATE).read_text())
+    assert saved["step"] == 3 and "done" not in saved and record["slimmed"] is None
+    resumed = search_stage(tmp_path / "run")
+    # The resumed stage ran only the steps after step 3 and ends in the uninterrupted run's state.
+    assert record["steps"] == list(range(4, total + 1)) and record["scores"] == total - 3
+    assert resumed == whole
+    assert record["slimmed"][0] == widths and record["slimmed"][1]["search_steps"] == total
+
+
+@pytest.mark.parametrize("ces, num_teacher, expected", [
+    # The final sub-network has the lowest CE and would be teacher 0 if it were a candidate.
+    ([0.2, 0.6, 0.4, 0.9, 0.1], 5, [0, 2, 1, 3]),
+    # Levels 0.1, 0.367, 0.633 over the interim CEs pick the unpruned net (0.1), 0.3 and 0.7.
+    ([0.1, 0.5, 0.3, 0.7, 0.2, 0.9, 0.05], 3, [0, 2, 3]),
+    ([0.4], 5, [0]),  # a search that took no step: the unpruned net is the only teacher
+])
+def test_memory_bank_stage_teaches_with_the_interim_sub_networks_and_the_unpruned_one(
+        tmp_path, monkeypatch, ces, num_teacher, expected):
+    run = tmp_path / "run"
+    ctx = ekg_stage_context(tmp_path, run, "--num_teacher", str(num_teacher))
+    groups = nets.build("ResNet-20").prunable_groups()
+    rng = np.random.default_rng(0)
+    history = [({k: 1.0 - 0.05 * i for k in groups}, {k: rng.permutation(g.size) for k, g in groups.items()}, ce)
+               for i, ce in enumerate(ces)]
+    state = SearchState(dict(history[-1][0]), dict(history[-1][1]), np.zeros((20, 10), np.float32), len(ces),
+                        len(ces) - 1, history, [])
+    (run / ekg_method.STATE).write_text(json.dumps({**state.to_json(), "done": True}))
+    built = []
+
+    def fake_bank(search, teachers, dataset, num_examples, out=None):
+        built.append(teachers)
+        return np.zeros((num_examples, 10, len(teachers)), np.float32)
+
+    monkeypatch.setattr(ekg_method, "build_memory_bank", fake_bank)
+    EKG(ctx).memory_bank()
+    [teachers] = built
+    assert len(teachers) == len(expected) and np.load(run / ekg_method.BANK).shape == (40, 10, len(expected))
+    for (rates, orders), i in zip(teachers, expected):
+        assert rates == history[i][0] and all(np.array_equal(orders[k], history[i][1][k]) for k in groups)

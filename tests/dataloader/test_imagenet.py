@@ -105,13 +105,57 @@ def test_other_epoch_changes_order_or_crops(dataset):
     assert not np.array_equal(e0[1], e1[1])  # ...in another order
 
 
-def test_random_resized_crop_of_a_uniform_image_stays_uniform(tmp_path):
-    uniform = [np.full((40, 50, 3), (30, 60, 90), np.uint8)] * 6
-    _write_shard(tmp_path / "train-00000-of-00001", uniform, [5] * 6)
+def _crop_windows(images, height, width):
+    """`(top, left, crop height, crop width, flipped)` of each training image of a coordinate image.
+
+    The source image's red channel is `x * 255 / (width - 1)` and its green `y * 255 / (height - 1)`:
+    a (resized) crop of it is linear in the output's columns and rows, so a line fitted through
+    the inner columns (rows) gives the window's left edge (top) and width (height). Output
+    column `j` of a crop `w` wide samples source column `left + (j + 0.5) * w / size - 0.5`.
+    """
+    size = images.shape[1]
+    pixels = images * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)
+    inner = np.arange(4, size - 4)  # away from the resize filter's clamped border
+    centres = (inner + 0.5) / size
+    windows = []
+    for image in pixels:
+        x = image[:, inner, 0].mean(0) * (width - 1) / 255.0  # source column seen by each output column
+        y = image[inner, :, 1].mean(1) * (height - 1) / 255.0
+        x_slope, x_start = np.polyfit(centres, x, 1)
+        y_slope, y_start = np.polyfit(centres, y, 1)
+        flipped = x_slope < 0
+        if flipped:
+            x_start, x_slope = x_start + x_slope, -x_slope
+        windows.append((y_start + 0.5, x_start + 0.5, y_slope, x_slope, flipped))
+    return np.array(windows)
+
+
+def test_random_resized_crop_follows_the_documented_ranges(tmp_path):
+    # Random-resized crop, as dataloader/imagenet_preprocess.py documents it (Inception's): a
+    # window inside the image of 8% to all of its area and width / height 3/4 to 4/3, resized,
+    # randomly flipped.
+    height, width = 96, 128
+    rows, cols = np.mgrid[0:height, 0:width]
+    coordinates = np.stack([cols * 255.0 / (width - 1), rows * 255.0 / (height - 1), np.full(rows.shape, 128.0)], -1)
+    count = 24
+    _write_shard(tmp_path / "train-00000-of-00001", [np.round(coordinates).astype(np.uint8)] * count, [5] * count)
     dataset = ImageNet(tmp_path, **SMALL)
-    (images, labels), = _batches(dataset.train(6, 0, 0))
-    np.testing.assert_array_equal(labels, [4] * 6)
-    np.testing.assert_allclose(images, np.broadcast_to(_normalised([30, 60, 90]), images.shape), atol=0.1)
+    (images, labels), = _batches(dataset.train(count, 0, 0))
+    np.testing.assert_array_equal(labels, [4] * count)
+    blue = images[..., 2] * IMAGENET_STD[2] + IMAGENET_MEAN[2]
+    np.testing.assert_allclose(blue, 128, atol=5)  # JPEG round-off; normalised with ImageNet's mean and std
+    top, left, crop_h, crop_w, flipped = _crop_windows(images, height, width).T
+    slack = 1.5  # pixels: JPEG round-off and the fit
+    assert np.all(top > -slack) and np.all(left > -slack), (top, left)
+    assert np.all(top + crop_h < height + slack) and np.all(left + crop_w < width + slack), (top, left)
+    area = crop_h * crop_w / (height * width)
+    aspect = crop_w / crop_h
+    assert np.all(area > 0.08 * 0.9) and np.all(area < 1.05), area
+    assert np.all(aspect > 0.75 * 0.95) and np.all(aspect < 4 / 3 * 1.05), aspect
+    # Random, not a fixed window: areas spread over the range, windows move, both flips occur.
+    assert area.min() < 0.3 and area.max() > 0.6, area
+    assert np.ptp(left) > 10 and np.ptp(top) > 10, (top, left)
+    assert 0 < flipped.sum() < count
 
 
 def test_file_sharding_gives_every_worker_the_same_step_count(dataset):

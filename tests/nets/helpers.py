@@ -1,8 +1,13 @@
 """Small helpers shared by the nets tests."""
 
 import numpy as np
+import tensorflow as tf
 
 import nets
+from nets.registry import lookup
+from op_utils.optim import SGD
+from op_utils.strategy import make_strategy
+from op_utils.trainer import Trainer
 
 # Test-sized configs: ImageNet nets at 64x64 keep the structure (every stride) but run fast.
 SMALL = {
@@ -11,6 +16,43 @@ SMALL = {
     "ResNet-50": dict(input_size=64, num_classes=7),
     "MobileNetV2-ImageNet": dict(input_size=64, num_classes=7),
 }
+
+
+def family_representatives(archs=None):
+    """The registered nets that the heavy per-net tests run on: one per family.
+
+    A family is the registered names whose class and default config differ only in their block
+    counts (ResNet-20/32/56/110; ResNet-18/34): a deeper variant repeats the same blocks and adds
+    no code path, so only its shallowest member is kept. Everything else (ResNet-50's bottlenecks,
+    each MobileNetV2 stem) is a family of its own, and a newly registered net is tested
+    automatically.
+    """
+    families = {}
+    for arch in nets.list_archs() if archs is None else archs:
+        _, cls, defaults = lookup(arch)
+        rest = {k: v for k, v in defaults.items() if k != "blocks"}
+        key = (cls, repr(sorted(rest.items())))
+        depth = sum(defaults.get("blocks", ()))
+        if key not in families or depth < families[key][0]:
+            families[key] = (depth, arch)
+    return [arch for _, arch in families.values()]
+
+
+def assert_close_to_scale(actual, expected, rtol=1e-4, floor=1e-4, err_msg=""):
+    """Asserts that `actual` equals `expected` element by element, at `expected`'s own scale.
+
+    Each element may differ by `rtol * |expected|` plus `floor * max|expected|`, the largest
+    magnitude of this same output: random deep nets and renormalised one-channel groups reach
+    logits of 1e4 to 1e7, float32 round-off grows with them, and small elements beside large ones
+    need the absolute allowance. The scale is always the compared output's own (never, say, the
+    inference logits' for a training-mode output), so a zero or otherwise wrong output cannot
+    hide under it, and a reference that is all zero, which proves nothing, fails.
+    """
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"{err_msg}: shape {actual.shape} != {expected.shape}"
+    scale = float(np.max(np.abs(expected)))
+    assert scale > 0, f"{err_msg}: the reference output is all zero"
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=floor * scale, err_msg=err_msg)
 
 
 def small_net(arch, **kwargs):
@@ -51,3 +93,46 @@ def random_masks(net, seed=0, single=None):
             count = int(rng.integers(1, group.size + 1))
             keep = rng.choice(group.size, size=count, replace=False)
         group.keep(keep)
+
+
+def tiny_resnet(renorm=False, seed=2):
+    """A masked CIFAR ResNet of one block per stage on 8x8 inputs, random params and masks.
+
+    One block per stage keeps every code path of the deeper ResNets (an identity and two
+    projection shortcuts, five segments) at a fraction of their trace and XLA compile time.
+    """
+    net = small_net("ResNet-20", blocks=[1, 1, 1], input_size=8)
+    randomise(net)
+    random_masks(net, seed=seed)
+    net.options.set(renorm=renorm)
+    return net
+
+
+def train_steps(net_fn, steps=2, batch=8, replicas=1, accum=1, xla=False, seed=1):
+    """Trains a net through `op_utils.trainer.Trainer` (SGD with momentum) on fixed random data.
+
+    Args:
+        net_fn: builds the net; called inside the strategy's scope.
+        steps, batch: optimizer steps of `batch` examples each.
+        replicas, accum, xla: the engine's modes.
+        seed: of the data.
+
+    Returns:
+        `(net, trainer, the losses of the steps, params before training, params after)`.
+    """
+    strategy = make_strategy(num_replicas=replicas)
+    with strategy.scope():
+        net = net_fn()
+    before = net.get_params()
+    trainer = Trainer(strategy, net, SGD(0.05, momentum=0.9, weight_decay=1e-4), global_batch_size=batch,
+                      accum=accum, xla=xla)
+    x = input_for(net, batch=batch * steps, seed=seed)
+    y = np.arange(batch * steps) % net.groups["logits"].size
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
+    losses = [float(trainer.train_step(b)["loss"]) for b in strategy.experimental_distribute_dataset(ds)]
+    return net, trainer, losses, before, net.get_params()
+
+
+def trainable_keys(net):
+    """The param keys of the variables an optimizer updates."""
+    return [key for key, var in net.param_vars().items() if var.trainable]

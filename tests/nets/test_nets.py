@@ -1,14 +1,17 @@
-"""Properties every registered net must have (parametrised over the registry)."""
+"""Properties every registered net must have, parametrised over the registry (heavy ones: one net per family)."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import nets
-from tests.nets.helpers import input_for, random_masks, randomise, small_net
+from tests.nets.helpers import (assert_close_to_scale, family_representatives, input_for, random_masks, randomise,
+                                small_net)
 from utils.params_io import load_params, save_params
 
 ARCHS = nets.list_archs()
+# The heavy properties run on one net per family: deeper variants repeat the same blocks.
+FAMILIES = family_representatives()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -21,17 +24,15 @@ def test_output_shape(arch):
 
 
 def assert_same_outputs(small, net, x, what):
-    # Tolerances are relative to the output scale: renormalised kernels of one-channel groups
-    # legitimately blow activations up, and float32 rounding grows with them.
-    scale = max(1.0, float(np.max(np.abs(net(x)))))
-    np.testing.assert_allclose(small(x), net(x), atol=1e-4 * scale, err_msg=what)
+    # Each mode at its own scale: with renorm masks the inference logits reach 5e4 (VGG-16) to
+    # 2e7 (ResNet-50) while batch statistics keep the training-mode logits near 1.
+    assert_close_to_scale(small(x), net(x), err_msg=what)
     # Batch statistics of a one-channel group over a 2x2 map amplify the rounding of
-    # differently blocked convolutions, so training mode also gets a relative tolerance.
-    np.testing.assert_allclose(small(x, training=True), net(x, training=True), atol=1e-4 * scale, rtol=1e-3,
-                               err_msg=what + " training=True")
+    # differently blocked convolutions, so training mode gets a looser relative tolerance.
+    assert_close_to_scale(small(x, training=True), net(x, training=True), rtol=1e-3, err_msg=what + " training=True")
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", FAMILIES)
 def test_masked_equals_slimmed(arch):
     net = small_net(arch)
     randomise(net)
@@ -50,7 +51,7 @@ def test_masked_equals_slimmed(arch):
         assert small.cost() == net.cost(net.widths())
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", FAMILIES)
 def test_params_pickle_round_trip(arch, tmp_path):
     net = small_net(arch)
     randomise(net)
@@ -72,7 +73,7 @@ def test_params_pickle_round_trip(arch, tmp_path):
     np.testing.assert_allclose(from_spec(x), small(x), atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", FAMILIES)
 def test_forward_traced_once_across_widths(arch):
     net = small_net(arch)
     traces = []

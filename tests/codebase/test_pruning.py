@@ -1,0 +1,71 @@
+"""Stages shared by the pruning methods: BatchNorm re-estimation after slimming."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from codebase.methods.pruning import recalibrate_bn
+from nets.base import Net
+from tests.nets.helpers import randomise
+
+
+class TwoBN(Net):
+    """1x1 conv - BN - ReLU - 1x1 conv - BN - ReLU - mean - dense: statistics computable by hand."""
+
+    def __init__(self, arch="TwoBN", widths=None, masked=False):
+        super().__init__(arch, {}, widths, masked)
+        image, a, b = self.group("input", 3, prunable=False), self.group("a", 4), self.group("b", 5)
+        self.conv1 = self.conv("conv1", image, a, 1, (4, 4))
+        self.bn1 = self.bn("bn1", a, (4, 4))
+        self.conv2 = self.conv("conv2", a, b, 1, (4, 4))
+        self.bn2 = self.bn("bn2", b, (4, 4))
+        self.head = self.fc("fc", b, self.group("logits", 2, prunable=False))
+        self._check_widths_used()
+
+    def forward(self, x, training, tap=None):
+        x = tf.nn.relu(self.bn2(self.conv2(tf.nn.relu(self.bn1(self.conv1(x), training))), training))
+        return self.head(tf.reduce_mean(x, [1, 2]))
+
+
+def batch_statistics(params, x, eps=1e-5):
+    """Per BN, the batch mean and biased variance of its input in a training-mode pass, by hand."""
+    h1 = x @ params["conv1/kernel:0"][0, 0]
+    m1, v1 = h1.mean((0, 1, 2)), h1.var((0, 1, 2))
+    y1 = np.maximum(params["bn1/gamma:0"].ravel() * (h1 - m1) / np.sqrt(v1 + eps) + params["bn1/beta:0"].ravel(), 0)
+    h2 = y1 @ params["conv2/kernel:0"][0, 0]
+    return {"bn1": (m1, v1), "bn2": (h2.mean((0, 1, 2)), h2.var((0, 1, 2)))}
+
+
+@pytest.mark.parametrize("max_batches, used", [(20, 4), (2, 2)])
+def test_recalibrate_bn_sets_the_mean_of_the_batch_statistics_and_restores_the_momentum(max_batches, used):
+    net = TwoBN()
+    randomise(net)  # moving statistics far from the batch statistics
+    params = net.get_params()
+    rng = np.random.default_rng(1)
+    # Batches of unequal size (a short last one): each counts once, whatever its size.
+    batches = [(rng.normal(1.0, 2.0, size=(n, 4, 4, 3)).astype(np.float32), np.zeros(n, np.int32))
+               for n in (6, 6, 6, 3)]
+    recalibrate_bn(net, batches, max_batches=max_batches)
+    stats = [batch_statistics(params, x) for x, _ in batches[:used]]
+    for name in ("bn1", "bn2"):
+        bn = net.layers[name]
+        mean = np.mean([s[name][0] for s in stats], axis=0)
+        var = np.mean([s[name][1] for s in stats], axis=0)
+        np.testing.assert_allclose(bn.moving_mean.numpy().ravel(), mean, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(bn.moving_variance.numpy().ravel(), var, rtol=1e-4, atol=1e-5)
+        assert bn.momentum == 0.9
+    # Only the moving statistics change.
+    assert all(np.array_equal(v, params[k]) for k, v in net.get_params().items() if "moving" not in k)
+
+
+def test_recalibrate_bn_restores_the_momentum_when_a_batch_fails():
+    net = TwoBN()
+    net.bn2.momentum = 0.99
+
+    def batches():
+        yield np.ones((2, 4, 4, 3), np.float32), np.zeros(2, np.int32)
+        raise OSError("unreadable shard")
+
+    with pytest.raises(OSError, match="unreadable"):
+        recalibrate_bn(net, batches())
+    assert (net.bn1.momentum, net.bn2.momentum) == (0.9, 0.99)
