@@ -47,7 +47,7 @@ def main(argv=None):
     import numpy as np
     import tensorflow as tf
 
-    from codebase.context import load_net
+    from codebase.artifacts import load_net
     from nets import pad_channels
 
     config = dict(num_classes=args.num_classes, input_size=args.input_size)

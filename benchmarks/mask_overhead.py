@@ -99,6 +99,7 @@ def main(argv=None) -> int:
 
     import nets
     from op_utils.optim import SGD
+    from op_utils.task import Classify
     from op_utils.trainer import Trainer
 
     tf.random.set_seed(args.seed)
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
             note = f"{_random_masks(net, args.keep, args.seed):.0%} of prunable channels kept"
         if masked:
             net.options.set(renorm=renorm)
-        trainer = Trainer(strategy, net, optimizer, global_batch_size=args.batch_size,
+        trainer = Trainer(strategy, Classify(net), optimizer, global_batch_size=args.batch_size,
                           accum=1, xla=False)
         configs.append((name, trainer, note))
 

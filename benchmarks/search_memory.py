@@ -60,8 +60,8 @@ def warmup(args) -> None:
 def search(args) -> None:
     import numpy as np
 
-    from codebase.config import Config
-    from codebase.context import load_net
+    from codebase.artifacts import load_net
+    from codebase.methods.ekg.method import EKGOptions
     from codebase.methods.ekg.method import search_subsets
     from codebase.methods.ekg.search import GreedySearch
     from dataloader import build_dataset
@@ -81,7 +81,7 @@ def search(args) -> None:
             raise StopIteration
 
     s = GreedySearch(net, images, labels[val].astype(np.int32), on_step=on_step,
-                     cache_mb=args.cache_mb or Config().search_cache_mb)
+                     cache_mb=args.cache_mb or EKGOptions().search_cache_mb)
     print(f"segment inputs cached: {len(s.cached)} of {len(s.segments)}")
     state = s.initial_state()
     report("segment functions traced and run on the 320 images")
@@ -97,7 +97,7 @@ def search(args) -> None:
 def functions(args) -> None:
     import tensorflow as tf
 
-    from codebase.context import load_net
+    from codebase.artifacts import load_net
     from utils.memory import release_freed_memory, resident_mb
 
     net = load_net("ResNet-56", args.trained_param, masked=True)

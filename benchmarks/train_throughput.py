@@ -115,13 +115,14 @@ def _engine(args, replicas: int, xla: bool) -> dict:
 
     import nets
     from op_utils.optim import SGD
+    from op_utils.task import Classify
     from op_utils.trainer import Trainer
 
     tf.random.set_seed(0)
     with strategy.scope():
         net = nets.build(f"ResNet-{args.arch_depth}", masked=False)
         optimizer = SGD(0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    trainer = Trainer(strategy, net, optimizer, global_batch_size=args.batch_size, xla=xla)
+    trainer = Trainer(strategy, Classify(net), optimizer, global_batch_size=args.batch_size, xla=xla)
     data = iter(strategy.experimental_distribute_dataset(_synthetic(tf, args.batch_size)))
 
     def step() -> float:

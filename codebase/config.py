@@ -286,18 +286,21 @@ def _parser(description: str, script: dict) -> argparse.ArgumentParser:
     parser.add_argument("--config", help="JSON file of config fields, and optionally a 'steps' list of per-step "
                                          "objects ({'method': ..., fields}); flags override it")
     methods = _method_table()
-    seen = set()
-    groups = [("run and engine", RunConfig, script), ("optimisation of each step (default: the dataset's recipe "
-                                                      "for the method, see codebase/presets.py)", OptimConfig, {})]
-    groups += [(f"--method {name}", cls.Options, {}) for name, cls in methods.items()]
-    for title, owner, defaults in groups:
+    groups = [("run and engine", [(RunConfig, f) for f in dataclasses.fields(RunConfig)], script),
+              ("optimisation of each step (default: the dataset's recipe for the method, see codebase/presets.py)",
+               [(OptimConfig, f) for f in dataclasses.fields(OptimConfig)], {})]
+    # Methods' options, grouped by the methods that share them (one dataclass, so one flag).
+    owners, shared, seen = option_owners(methods), {}, set()
+    for cls in methods.values():
+        for field in dataclasses.fields(cls.Options):
+            if field.name not in seen:
+                seen.add(field.name)
+                shared.setdefault(tuple(owners[field.name]), []).append((cls.Options, field))
+    groups += [("options of " + ", ".join(f"--method {m}" for m in who), fields, {}) for who, fields in shared.items()]
+    for title, fields, defaults in groups:
         group = parser.add_argument_group(title)
-        hints = {f.name: f for f in dataclasses.fields(owner)}
-        for name, field in hints.items():
-            if name in seen:
-                continue
-            seen.add(name)
-            _add_flag(group, owner, field, defaults.get(name, field.default))
+        for owner, field in fields:
+            _add_flag(group, owner, field, defaults.get(field.name, field.default))
     return parser
 
 

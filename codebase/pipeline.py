@@ -130,7 +130,7 @@ def summarise(train_path: str, steps: list) -> dict:
     per_step = {step.step.name: _load(step.path(RESULTS), {}) for step in steps}
     final = steps[-1]
     output = os.path.join(train_path, OUTPUT)
-    results = {**per_step[final.step.name], "steps": per_step, "output": output}
+    results = {**per_step[final.step.name], "steps": per_step}
     copy_net_files(final.output, output)
     atomic_write_json(os.path.join(train_path, RESULTS), results)
     first = next((entry for entry in per_step.values() if entry), {})

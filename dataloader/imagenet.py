@@ -18,8 +18,7 @@ IMAGENET_STD = (58.40, 57.12, 57.38)
 NUM_CLASSES = 1000
 NUM_TRAIN = 1281167
 NUM_TEST = 50000
-# The standard conversion writes 1024 training and 128 validation shards; with exactly those,
-# the official sizes are known without reading a shard.
+# The standard conversion's shard counts: with exactly those, the official sizes apply unread.
 STANDARD_SHARDS = {"train": (1024, NUM_TRAIN), "test": (128, NUM_TEST)}
 PATTERNS = {"train": "train-*-of-*", "test": "validation-*-of-*"}
 
@@ -55,10 +54,9 @@ class ImageNet(Dataset):
                 1..1000, hence 1).
             image_size: Output height and width.
             resize_size: Shorter side before the evaluation centre crop.
-            num_train: Training-set size reported by ``info`` (and so the default steps per
-                epoch); None counts the records (reads every shard's framing) the first time
-                ``info`` is asked for; "auto" (default) takes the official size when the folder
-                holds the standard 1024 shards and counts otherwise (a subset of the shards).
+            num_train: Training-set size reported by ``info`` (so the default steps per epoch);
+                "auto": the official size with the standard 1024 shards, else the records are
+                counted (every shard's framing is read once); None always counts.
             num_test: Validation-set size, likewise (128 standard shards).
             shuffle_block: Training records shuffled together (memory: this many JPEGs).
             cycle_length: Training shards read in parallel (interleaved).
@@ -107,16 +105,9 @@ class ImageNet(Dataset):
         return list(self._shards[split])
 
     def check_shards(self, split: str | None = None, paths: list[str] | None = None) -> None:
-        """Parses and decodes the first record of each shard.
-
-        Args:
-            split: ``"train"``, ``"test"`` or None for every shard found.
-            paths: Check these shards instead.
-
-        Raises:
-            DataError: Naming the first shard that is empty, truncated, not made of
-                ImageNet examples, or holds an undecodable JPEG or out-of-range label.
-        """
+        """Parses and decodes the first record of each shard of ``split`` (None: every split),
+        or of ``paths``; a DataError names the first shard that is empty, truncated, not made of
+        ImageNet examples, or holds an undecodable JPEG or out-of-range label."""
         if paths is None:
             splits = PATTERNS if split is None else (split,)
             paths = [p for s in splits for p in self._shards[s]]
@@ -169,11 +160,7 @@ class ImageNet(Dataset):
 
     def _size(self, split: str, size) -> int:
         if size == "auto":
-            shards, official = STANDARD_SHARDS[split]
-            names = self.shards(split)
-            if len(names) == shards and all(n.endswith(f"-of-{shards:05d}") for n in names):
-                return official
-            size = None
+            size = tfrecord.standard_size(self.shards(split), *STANDARD_SHARDS[split])
         return self.count_records(split) if size is None else int(size)
 
     # ----- pipelines ----------------------------------------------------------------

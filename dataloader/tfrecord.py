@@ -7,6 +7,7 @@ The CRCs are not verified (that needs CRC-32C, which Python's stdlib lacks).
 """
 from __future__ import annotations
 
+import os
 import struct
 
 import tensorflow as tf
@@ -78,3 +79,11 @@ def count_records(path: str) -> int:
     if position != size:
         raise DataError(f"{path}: truncated TFRecord shard (record {count} cut off)")
     return count
+
+
+def standard_size(paths, shards: int, records: int):
+    """`records` if `paths` are exactly the `shards` files of a standard conversion
+    (`...-00000-of-01024` to `...-01023-of-01024`), else None (a subset: count them)."""
+    suffixes = sorted(os.path.basename(p).split("-", 1)[-1] for p in paths)
+    expected = [f"{i:05d}-of-{shards:05d}" for i in range(shards)]
+    return records if suffixes == expected else None

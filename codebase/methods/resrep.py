@@ -17,6 +17,7 @@ are variables of the net, so they are checkpointed with it and changing them nev
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math

@@ -6,8 +6,9 @@ import types
 import numpy as np
 
 import nets
-from codebase.methods.baselines import L1Pruning, RandomPruning, widths_at_rate
-from tests.nets.helpers import randomise
+from codebase.budget import FlopsBudget
+from codebase.methods.baselines import L1Pruning, RandomPruning
+from tests.support.nets import randomise
 
 # Every conv writing into each group of ResNet-20, by name: a residual stream has several writers.
 WRITERS = {
@@ -18,9 +19,15 @@ WRITERS = {
 }
 
 
-def method(cls, **cfg):
-    """A baseline whose `choose` reads only these config fields."""
-    return cls(types.SimpleNamespace(cfg=types.SimpleNamespace(**cfg)))
+def method(cls, seed=0, **options):
+    """A baseline whose `choose` reads only these options (and the run's seed)."""
+    step = types.SimpleNamespace(ctx=None, options=types.SimpleNamespace(**options),
+                                 run=types.SimpleNamespace(seed=seed))
+    return cls(step)
+
+
+def widths_at_rate(net, fractions, target):
+    return FlopsBudget(net).widths_at_rate(fractions, target)
 
 
 def test_uniform_widths_land_just_under_the_target():

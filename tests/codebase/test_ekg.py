@@ -10,17 +10,18 @@ import pytest
 import tensorflow as tf
 
 import nets
-import train_cifar
-from codebase.config import parse_config
-from codebase.context import RunContext, save_net
+from codebase.artifacts import save_net
+from codebase.config import make_config
+from codebase.context import RunContext
 from codebase.methods.ekg import method as ekg_method
 from codebase.methods.ekg.memory_bank import build_memory_bank, pick_teachers
 from codebase.methods.ekg.method import EKG, memory_bank_loss, search_subsets
-from codebase.methods.ekg.search import GreedySearch, SearchState, keep_count, trimmed_otsu
+from codebase.methods.ekg.search import GreedySearch, SearchState, keep_count, set_masks, trimmed_otsu
+from codebase.pipeline import plan
 from op_utils.losses import select_teachers
 from nets.base import Net
-from tests.dataloader.fakes import write_cifar10
-from tests.nets.helpers import randomise
+from tests.support.data import write_cifar10
+from tests.support.nets import randomise
 from utils.errors import ConfigError
 
 
@@ -268,8 +269,8 @@ class TwoConv(Net):
         self._check_widths_used()
 
     def forward(self, x, training, tap=None):
-        x = self.tapped(tap, self.bn1.group, tf.nn.relu(self.bn1(self.conv1(x), training)))
-        x = self.tapped(tap, self.bn2.group, tf.nn.relu(self.bn2(self.conv2(x), training)))
+        x = self.site(tap, "bn1:act", tf.nn.relu(self.bn1(self.conv1(x), training)), self.bn1.group)
+        x = self.site(tap, "bn2:act", tf.nn.relu(self.bn2(self.conv2(x), training)), self.bn2.group)
         return self.head(tf.reduce_mean(x, [1, 2]))
 
 
@@ -279,42 +280,24 @@ def test_memory_bank_fills_a_float16_file_like_the_in_memory_bank(tmp_path):
     images = rng.normal(size=(10, 8, 8, 3)).astype(np.float32)
     net = TwoConv()
     randomise(net, seed=1)
-    search = GreedySearch(net, images, rng.integers(0, 4, 10), batch_size=5)
-    full = ({k: 1.0 for k in search.keys}, {k: rng.permutation(g.size) for k, g in search.groups.items()})
-    teachers = [full, ({k: 0.5 for k in search.keys}, full[1])]
+    net.options.set(renorm=True)  # the search's convention for a net with BatchNorm
+    groups = net.prunable_groups()
+    full = ({k: 1.0 for k in groups}, {k: rng.permutation(g.size) for k, g in groups.items()})
+    teachers = [full, ({k: 0.5 for k in groups}, full[1])]
     index = rng.permutation(10)  # each batch's logits land at its examples' rows
     dataset = tf.data.Dataset.from_tensor_slices((images, np.zeros(10, np.int32), index)).batch(5)
-    in_memory = build_memory_bank(search, teachers, dataset, 10)
+    in_memory = build_memory_bank(net, teachers, dataset, 10)
     on_disk = np.memmap(tmp_path / "bank.f16", np.float16, "w+", shape=(10, 4, 2))
-    build_memory_bank(search, teachers, dataset, 10, out=on_disk)
+    build_memory_bank(net, teachers, dataset, 10, out=on_disk)
+    # The teachers run slimmed; they compute what the masked net computes under their masks.
     expected = np.zeros((10, 4, 2), np.float32)
     for t, (rates, orders) in enumerate(teachers):
-        search.apply(rates, orders)
+        set_masks(groups, rates, orders)
         for begin in (0, 5):  # batch statistics, as in the search
             expected[index[begin:begin + 5], :, t] = net(images[begin:begin + 5], training=True).numpy()
     np.testing.assert_allclose(in_memory, expected, rtol=1e-4, atol=1e-5)
     assert not np.allclose(in_memory[..., 0], in_memory[..., 1])
     np.testing.assert_allclose(on_disk, in_memory, rtol=2e-3, atol=2e-3)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["ekg", "l1", "random"])
-def test_pruning_pipeline_smoke(method, tmp_path):
-    data = write_cifar10(tmp_path / "data", per_batch=16, num_test=8).path
-    run = tmp_path / "run"
-    args = ["--method", method, "--arch", "ResNet-20", "--data_path", str(data), "--train_path", str(run),
-            "--baseline_epoch", "1", "--train_epoch", "1", "--steps_per_epoch", "1", "--batch_size", "8",
-            "--val_batch_size", "8", "--search_batch_size", "16", "--search_train_per_class", "4",
-            "--search_val_per_class", "2", "--search_target_rate", "0.85",
-            "--num_replicas", "2" if method == "ekg" else "1"]
-    results = train_cifar.main(args)
-    assert results["ekg_flops"] <= 0.85 * results["full_ekg_flops"] + 1
-    widths = json.loads((run / "trained_params.arch.json").read_text())["widths"]
-    assert widths == results["widths"]
-    if method == "ekg":
-        bank = np.load(run / "knowledge.npy")
-        assert bank.shape == (80, 10, 5)
-        assert json.loads((run / "stages.json").read_text())[-1] == "test"
 
 
 @pytest.mark.parametrize("chunks", ["one segment each", "three segments each"])
@@ -363,20 +346,22 @@ def test_score_drops_the_previous_cache_before_building_the_next(traced, monkeyp
 
 
 def ekg_stage_context(tmp_path, run, *flags):
-    """A RunContext of `--method ekg` (and `flags`) on 40 fake CIFAR-10 images, its warm-up net
-    saved in `run`: what the search and memory-bank stages read."""
+    """The StepContext of `--method ekg` (and `flags`) on 40 fake CIFAR-10 images, its warm-up net
+    saved in the step's folder: what the search and memory-bank stages read."""
     data = tmp_path / "data"
     if not data.exists():
         write_cifar10(data, per_batch=8, num_test=4)
-    cfg = parse_config(["--method", "ekg", "--arch", "ResNet-20", "--data_path", str(data / "cifar-10-batches-py"),
-                        "--train_path", str(run), "--search_train_per_class", "2", "--search_val_per_class", "2",
-                        "--search_batch_size", "16", "--search_target_rate", "0.8", *flags])
-    ctx = RunContext(cfg)
-    if not os.path.exists(ctx.path(ekg_method.WARM)):
+    flags = dict(zip(flags[::2], flags[1::2]))
+    cfg = make_config({}, {"method": "ekg", "arch": "ResNet-20", "data_path": str(data / "cifar-10-batches-py"),
+                           "train_path": str(run), "search_train_per_class": 2, "search_val_per_class": 2,
+                           "search_batch_size": 16, "search_target_rate": 0.8,
+                           **{k.lstrip("-"): int(v) for k, v in flags.items()}})
+    [(step, _)] = [(s, m) for s, m in plan(cfg, RunContext(cfg)) if s.step.method == "ekg"]
+    if not os.path.exists(step.path(ekg_method.WARM)):
         warm = nets.build("ResNet-20")
         randomise(warm, seed=1)
-        save_net(warm, ctx.path(ekg_method.WARM))
-    return ctx
+        save_net(warm, step.path(ekg_method.WARM))
+    return step
 
 
 def test_search_stage_resumes_after_the_last_saved_step(tmp_path, monkeypatch):
@@ -404,19 +389,20 @@ def test_search_stage_resumes_after_the_last_saved_step(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ekg_method, "GreedySearch", Stubbed)
     # Slimming, BN re-estimation and evaluation are the pruning stages' (tested with them).
-    monkeypatch.setattr(EKG, "save_slimmed", lambda self, net, info: record.update(slimmed=(net.widths(), info)))
+    monkeypatch.setattr(EKG, "save_pruned", lambda self, net, info: record.update(slimmed=(net.widths(), info)))
 
     def search_stage(run, crash_after=None):
         record.update(steps=[], scores=0, crash_after=crash_after, slimmed=None)
-        EKG(ekg_stage_context(tmp_path, run)).search()
-        return json.loads((run / ekg_method.STATE).read_text())
+        step = ekg_stage_context(tmp_path, run)
+        EKG(step).search()
+        return json.loads(open(step.path(ekg_method.STATE)).read())
 
     whole = search_stage(tmp_path / "whole")
     total, widths, info = whole["step"], *record["slimmed"]
     assert whole["done"] and record["steps"] == list(range(1, total + 1)) and total > 4
     with pytest.raises(Interrupted):
         search_stage(tmp_path / "run", crash_after=3)
-    saved = json.loads((tmp_path / "run" / ekg_method.STATE).read_text())
+    saved = json.loads((tmp_path / "run" / "1-ekg" / ekg_method.STATE).read_text())
     assert saved["step"] == 3 and "done" not in saved and record["slimmed"] is None
     resumed = search_stage(tmp_path / "run")
     # The resumed stage ran only the steps after step 3 and ends in the uninterrupted run's state.
@@ -435,23 +421,24 @@ def test_search_stage_resumes_after_the_last_saved_step(tmp_path, monkeypatch):
 def test_memory_bank_stage_teaches_with_the_interim_sub_networks_and_the_unpruned_one(
         tmp_path, monkeypatch, ces, num_teacher, expected):
     run = tmp_path / "run"
-    ctx = ekg_stage_context(tmp_path, run, "--num_teacher", str(num_teacher))
+    step = ekg_stage_context(tmp_path, run, "--num_teacher", str(num_teacher))
     groups = nets.build("ResNet-20").prunable_groups()
     rng = np.random.default_rng(0)
     history = [({k: 1.0 - 0.05 * i for k in groups}, {k: rng.permutation(g.size) for k, g in groups.items()}, ce)
                for i, ce in enumerate(ces)]
     state = SearchState(dict(history[-1][0]), dict(history[-1][1]), np.zeros((20, 10), np.float32), len(ces),
                         len(ces) - 1, history, [])
-    (run / ekg_method.STATE).write_text(json.dumps({**state.to_json(), "done": True}))
+    with open(step.path(ekg_method.STATE), "w") as f:
+        json.dump({**state.to_json(), "done": True}, f)
     built = []
 
-    def fake_bank(search, teachers, dataset, num_examples, out=None):
+    def fake_bank(net, teachers, dataset, num_examples, out=None):
         built.append(teachers)
         return np.zeros((num_examples, 10, len(teachers)), np.float32)
 
     monkeypatch.setattr(ekg_method, "build_memory_bank", fake_bank)
-    EKG(ctx).memory_bank()
+    EKG(step).memory_bank()
     [teachers] = built
-    assert len(teachers) == len(expected) and np.load(run / ekg_method.BANK).shape == (40, 10, len(expected))
+    assert len(teachers) == len(expected) and np.load(step.path(ekg_method.BANK)).shape == (40, 10, len(expected))
     for (rates, orders), i in zip(teachers, expected):
         assert rates == history[i][0] and all(np.array_equal(orders[k], history[i][1][k]) for k in groups)

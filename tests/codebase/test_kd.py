@@ -9,7 +9,7 @@ from codebase.tasks import Distill, kd_loss
 from op_utils.optim import SGD
 from op_utils.strategy import make_strategy
 from op_utils.trainer import Trainer
-from tests.nets.helpers import input_for, randomise
+from tests.support.nets import input_for, randomise
 
 
 def _softmax(z):

@@ -1,35 +1,29 @@
 """ResRep: the Res update against hand computations, mask updates, resume, the conversion (lossless and
-lossy), and a scripted run."""
+lossy). Its scripted run is in tests/codebase/test_methods.py."""
 
-import json
-import os
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import nets
-import test as test_script
-import train_cifar
-from codebase.config import parse_config
-from codebase.context import save_net, spec_path
-from codebase.methods.pruning import SLIMMED
-from codebase.methods.resrep import (LOSSLESS_NORM, RESREP, RESREP_LOGS, GroupFlops, MaskSchedule, ResRep,
-                                     compactor_overrides, res_gradients, select_closed)
+from codebase.budget import FlopsBudget
+from codebase.config import make_config
+from codebase.methods.resrep import (LOSSLESS_NORM, MaskSchedule, compactor_overrides, convert_net, res_gradients,
+                                     select_closed)
 from nets.base import Net
 from nets.compactor import Compactor
 from nets.groups import ChannelGroup
 from op_utils.loop import fit
 from op_utils.optim import SGD
 from op_utils.strategy import make_strategy
-from op_utils.trainer import Trainer, softmax_cross_entropy
-from tests.dataloader.fakes import write_cifar10
-from tests.nets.helpers import randomise
-from tests.op_utils.models import make_train_data_fn, toy_images
+from op_utils.task import softmax_cross_entropy
+from op_utils.task import Classify
+from op_utils.trainer import Trainer
+from tests.support.nets import randomise
+from tests.support.toy import make_train_data_fn, toy_images
 from utils.errors import ConfigError
-from utils.params_io import load_params
 
 
 def test_res_gradient_matches_hand_computation():
@@ -76,6 +70,7 @@ def test_trainer_step_applies_res_update_with_compactor_momentum_on_two_replicas
     local = TinyNet()
     local.add_compactors()
     local.set_params(net.get_params())
+    local.load_transform_state(net.transform_state())  # the compactors' kernels and masks
     x, y = toy_images(8)
 
     # Each replica normalises its half of the batch; the step uses the sum of their gradients.
@@ -89,7 +84,7 @@ def test_trainer_step_applies_res_update_with_compactor_momentum_on_two_replicas
 
     lr, wd, lam = 0.1, 0.01, 0.05
     optimizer = SGD(lr, momentum=0.9, weight_decay=wd, overrides=compactor_overrides(net, 0.99))
-    trainer = Trainer(strategy, net, optimizer, global_batch_size=8, grad_transform=res_gradients(net, lam))
+    trainer = Trainer(strategy, Classify(net, grad_transform=res_gradients(net, lam)), optimizer, global_batch_size=8)
     batch = next(iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors((x, y)))))
     trainer.train_step(batch)
 
@@ -138,9 +133,9 @@ def test_select_closed_granularity_cap_and_at_least_one_channel():
     assert select_closed(norms, full, {"a": 1, "b": 1}, flops, target=0.8, granularity=1) == {"a": [0], "b": []}
 
 
-def test_group_flops_match_the_net_cost_convention():
+def test_flops_budget_matches_the_net_cost_convention():
     net = nets.build("ResNet-20", masked=False)
-    flops = GroupFlops(net)
+    flops = FlopsBudget(net)
     widths = {k: g.size - 3 for k, g in net.prunable_groups().items()}
     assert flops.total(widths) == net.cost(widths).ekg_flops
     for key in ("stem", "stage1", "BasicBlock2.1/conv1"):
@@ -163,32 +158,20 @@ def test_mask_schedule_updates_after_the_lasso_only_steps_every_interval():
 
 
 class ConvertContext:
-    """What `ResRep.convert` uses of a RunContext, for `TinyNet`: the run folder, nets rebuilt
-    from their class and spec, training batches, and an evaluation that keeps every net it
-    evaluated with its logits."""
+    """What the conversion uses of a RunContext, for `TinyNet`: nets copied from their class and
+    spec, training batches, and an evaluation that keeps every net it evaluated with its logits."""
 
-    def __init__(self, root, images, labels, batches):
-        self.root, self.images, self.labels = str(root), images, labels
-        self.cfg = types.SimpleNamespace(search_batch_size=8)
+    def __init__(self, images, labels, batches):
+        self.images, self.labels = images, labels
         self.data = types.SimpleNamespace(train_eval=lambda batch_size: batches)
         self.evaluated = []
-
-    def path(self, name):
-        return os.path.join(self.root, name)
-
-    def load_net(self, path):
-        spec = json.loads(Path(spec_path(path)).read_text())
-        net = TinyNet(widths=spec["widths"])
-        if spec.get("compactors"):
-            net.add_compactors(spec["compactors"])
-        net.set_params(load_params(path))
-        return net
 
     def copy_net(self, net):
         new = TinyNet(widths=net.widths())
         if net.compactors:
             new.add_compactors(list(net.compactors))
         new.set_params(net.get_params())
+        new.load_transform_state(net.transform_state())
         return new
 
     def evaluate(self, net):
@@ -201,10 +184,10 @@ def top1(logits, labels):
     return float(np.mean(np.argmax(logits, -1) == labels))
 
 
-def convert(tmp_path, closed_rows_scale):
-    """`ResRep.convert` of a TinyNet whose compactor mixes channels (not the identity) and whose
+def convert(closed_rows_scale):
+    """`convert_net` of a TinyNet whose compactor mixes channels (not the identity) and whose
     rows 1 and 4 are closed, scaled by `closed_rows_scale`; returns the compactor net, the
-    context and prune_results.json."""
+    context, what the conversion reports and the slimmed net it made."""
     rng = np.random.default_rng(5)
     net = TinyNet()
     randomise(net, seed=2)
@@ -216,15 +199,14 @@ def convert(tmp_path, closed_rows_scale):
     images = rng.normal(size=(64, 6, 6, 3)).astype(np.float32)
     labels = rng.integers(0, 5, 64)
     batches = [(images[i:i + 16], labels[i:i + 16], np.arange(i, i + 16)) for i in range(0, 64, 16)]
-    ctx = ConvertContext(tmp_path, images, labels, batches)
-    save_net(net, ctx.path(RESREP))
-    (tmp_path / RESREP_LOGS).write_text(json.dumps({"eval_top1": 0.25}))
-    ResRep(ctx).convert()
-    return net, ctx, json.loads((tmp_path / "prune_results.json").read_text())
+    ctx = ConvertContext(images, labels, batches)
+    info = convert_net(ctx, net, 0.25, batch_size=8)
+    small = info.pop("net")
+    return net, ctx, info, small
 
 
-def test_lossless_conversion_keeps_the_trained_statistics_and_the_outputs(tmp_path):
-    net, ctx, pruned = convert(tmp_path, closed_rows_scale=1e-7)
+def test_lossless_conversion_keeps_the_trained_statistics_and_the_outputs():
+    net, ctx, pruned, saved = convert(closed_rows_scale=1e-7)
     assert pruned["bn_reestimated"] is False and pruned["closed_channels"] == 2 and pruned["widths"] == {"a": 4}
     assert pruned["closed_norm_max"] == pytest.approx(net.compactors["a"].row_norms()[[1, 4]].max())
     assert pruned["closed_norm_max"] < LOSSLESS_NORM
@@ -232,15 +214,14 @@ def test_lossless_conversion_keeps_the_trained_statistics_and_the_outputs(tmp_pa
     expected = net(ctx.images, training=False).numpy()
     [(evaluated, logits)] = ctx.evaluated
     np.testing.assert_allclose(logits, expected, atol=1e-5)
-    saved = ctx.load_net(ctx.path(SLIMMED))
     assert saved.widths() == {"a": 4} and not saved.compactors
     np.testing.assert_allclose(saved(ctx.images, training=False).numpy(), expected, atol=1e-5)
     assert pruned["folded_top1"] == pruned["before_finetune_top1"] == top1(expected, ctx.labels)
     assert pruned["resrep_top1"] == 0.25
 
 
-def test_lossy_conversion_reports_the_folded_net_and_saves_it_with_re_estimated_statistics(tmp_path):
-    net, ctx, pruned = convert(tmp_path, closed_rows_scale=1.0)
+def test_lossy_conversion_reports_the_folded_net_and_saves_it_with_re_estimated_statistics():
+    net, ctx, pruned, saved = convert(closed_rows_scale=1.0)
     norms = net.compactors["a"].row_norms()
     assert pruned["bn_reestimated"] is True and pruned["closed_norm_max"] == pytest.approx(norms[[1, 4]].max())
     assert pruned["closed_norm_max"] > 0.5
@@ -260,20 +241,21 @@ def test_lossy_conversion_reports_the_folded_net_and_saves_it_with_re_estimated_
                                rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(bn.moving_variance.numpy().ravel(), np.mean([h.var((0, 1, 2)) for h in outputs], 0),
                                rtol=1e-4, atol=1e-5)
-    saved = ctx.load_net(ctx.path(SLIMMED))
     np.testing.assert_allclose(saved(ctx.images, training=False).numpy(), logits, atol=1e-6)
     assert pruned["before_finetune_top1"] == top1(logits, ctx.labels) != pruned["folded_top1"]
 
 
 def test_resrep_config_checks():
     # General checks and the precedence of presets, file and flags: test_config.py.
-    base = ["--method", "resrep", "--train_path", "/tmp/unused"]
-    cfg = parse_config(base)
-    assert (cfg.train_epoch, cfg.learning_rate, cfg.schedule, cfg.resrep_target) == (0, 0.01, "cosine", 0.471)
+    flags = {"method": "resrep", "train_path": "/tmp/unused"}
+    [baseline, step] = make_config({}, flags).steps
+    assert (step.optim.train_epoch, step.optim.learning_rate, step.optim.schedule, step.options.resrep_target) == (
+        0, 0.01, "cosine", 0.471)
+    assert baseline.name == "0-baseline" and baseline.optim.learning_rate == 0.05  # the scratch recipe
     with pytest.raises(ConfigError, match="--optimizer sgd"):
-        parse_config(base + ["--optimizer", "adam"])
+        make_config({}, {**flags, "optimizer": "adam"})
     with pytest.raises(ConfigError, match="--resrep_target"):
-        parse_config(base + ["--resrep_target", "1.5"])
+        make_config({}, {**flags, "resrep_target": 1.5})
 
 
 def test_masks_are_checkpointed_and_restored_on_resume(tmp_path):
@@ -284,8 +266,8 @@ def test_masks_are_checkpointed_and_restored_on_resume(tmp_path):
         with strategy.scope():
             net = TinyNet()
             net.add_compactors()
-        trainer = Trainer(strategy, net, SGD(0.01, overrides=compactor_overrides(net, 0.99)), global_batch_size=8,
-                          grad_transform=res_gradients(net, 1e-4))
+        trainer = Trainer(strategy, Classify(net, grad_transform=res_gradients(net, 1e-4)),
+                          SGD(0.01, overrides=compactor_overrides(net, 0.99)), global_batch_size=8)
         # Target 20% of the FLOPs: one of the 6 rows; each update closes at most 2 more than are closed.
         schedule = MaskSchedule(net, target=0.2, interval=1, before=1, granularity=2)
         fit(trainer, make_train_data_fn(x, y, 8, fail_at=kwargs.pop("fail_at", None)), epochs=1,
@@ -298,45 +280,9 @@ def test_masks_are_checkpointed_and_restored_on_resume(tmp_path):
     assert net.compactors["a"].mask.numpy().sum() == 6 - 4  # step 3 closed 2 more than the restored 2
 
 
-def test_train_cifar_resrep_converts_and_test_py_loads_it(tmp_path, capsys):
-    data = write_cifar10(tmp_path / "data", per_batch=8, num_test=12).path
-    start = tmp_path / "res20.pkl"
-    save_net(nets.build("ResNet-20", masked=False), str(start))
-    run = tmp_path / "run"
-    args = ["--method", "resrep", "--arch", "ResNet-20", "--data_path", str(data), "--train_path", str(run),
-            "--trained_param", str(start), "--resrep_epoch", "1", "--steps_per_epoch", "3", "--batch_size", "8",
-            "--val_batch_size", "12", "--do_log", "1", "--num_replicas", "2", "--accum", "2",
-            "--resrep_interval", "1", "--resrep_before_mask", "0.3", "--resrep_target", "0.9"]
-    results = train_cifar.main(args)
+def test_without_streams_only_the_groups_one_conv_writes_get_compactors():
+    from codebase.methods.resrep import single_writer_groups
 
-    assert json.loads((run / "stages.json").read_text()) == ["baseline", "resrep", "convert", "finetune", "test"]
-    pruned = json.loads((run / "prune_results.json").read_text())
-    # Masks are updated after steps 2 and 3 (lasso only in step 1), each closing at most 4 rows more.
-    assert pruned["closed_channels"] == 8 and pruned["flops_rate"] < 1.0
-    # One step cannot decay the closed rows (norms near 1): the conversion is lossy, so the BN
-    # statistics after them are re-estimated on training images; the folded accuracy is kept too.
-    assert pruned["closed_norm_max"] > 0.5 and pruned["bn_reestimated"] is True
-    # The net saved with the re-estimated statistics is the one evaluated as before_finetune_top1
-    # (no fine-tuning: the test stage evaluates that very net); the folded and lossless paths are
-    # checked on logits by the conversion tests above.
-    assert results["top1"] == pruned["before_finetune_top1"]
-    trained = load_params(run / "resrep_params.pkl")
-    widths = json.loads((run / "trained_params.arch.json").read_text())["widths"]
-    assert widths["stem"] == int(trained["stem/compactor/mask:0"].sum())
-    # The masks are variables of the net: the stage's last checkpoint holds them.
-    reader = tf.train.load_checkpoint(str(run / "resrep" / "ckpt"))
-    [key] = [k for k in reader.get_variable_to_shape_map() if k.startswith("model/layers/stem.Scompactor/mask")]
-    np.testing.assert_array_equal(reader.get_tensor(key), trained["stem/compactor/mask:0"])
-
-    capsys.readouterr()
-    test_script.main(["--arch", "ResNet-20", "--data_path", str(data), "--trained_param",
-                      str(run / "trained_params.pkl"), "--json", "--latency_runs", "1"])
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert printed["top1"] == pytest.approx(results["top1"]) and printed["widths"] == widths
-    # --pad_to: the same accuracy from every width rounded up to a multiple of 8 (at most the full 16/32/64).
-    test_script.main(["--arch", "ResNet-20", "--data_path", str(data), "--trained_param",
-                      str(run / "trained_params.pkl"), "--json", "--latency_runs", "1", "--pad_to", "8"])
-    padded = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert padded["top1"] == pytest.approx(results["top1"]) and padded["pad_to"] == 8
-    assert padded["widths"] == {k: -(-w // 8) * 8 for k, w in widths.items()}
-    assert padded["flops"] >= printed["flops"]
+    net = nets.build("ResNet-20", masked=False)
+    assert single_writer_groups(net) == [f"BasicBlock{i}.{j}/conv1" for i in range(3) for j in range(3)]
+    assert list(net.add_compactors(single_writer_groups(net))) == single_writer_groups(net)

@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from dataloader import CIFAR10, CIFAR100, Cifar, build_dataset
 from dataloader.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
-from tests.dataloader import fakes
+from tests.support import data as fakes
 from utils.errors import DataError
 
 

@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from dataloader import ImageNet, SideData, build_dataset
 from dataloader.imagenet import IMAGENET_MEAN, IMAGENET_STD
-from tests.dataloader import fakes
+from tests.support import data as fakes
 from utils.errors import ConfigError, DataError
 
 SMALL = {"image_size": 32, "resize_size": 36}
@@ -36,12 +36,19 @@ def _normalised(rgb):
     return (np.asarray(rgb, np.float32) - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
 
 
-def test_info_counts_records_when_asked_and_defaults_otherwise(dataset, fake):
+def test_info_counts_records_unless_the_standard_shards_are_there(dataset, fake, tmp_path):
     info = dataset.info
     assert (info.num_train, info.num_test) == (15, 8)
     assert info.image_shape == (32, 32, 3) and info.num_classes == 1000
+    # A subset of the shards (here 3 + 1) is counted by default: one epoch is one pass over it.
     default = build_dataset("ImageNet", fake.path).info
-    assert (default.num_train, default.num_test, default.image_shape) == (1281167, 50000, (224, 224, 3))
+    assert (default.num_train, default.num_test, default.image_shape) == (15, 8, (224, 224, 3))
+    # The standard 1024 + 128 shards give the official sizes without a shard being read.
+    for split, count in (("train", 1024), ("validation", 128)):
+        for i in range(count):
+            (tmp_path / f"{split}-{i:05d}-of-{count:05d}").touch()
+    standard = build_dataset("ImageNet", tmp_path).info
+    assert (standard.num_train, standard.num_test) == (1281167, 50000)
 
 
 def test_test_pipeline_is_in_shard_order_with_zero_based_labels(dataset, fake):

@@ -4,7 +4,7 @@ import pytest
 import tensorflow as tf
 
 from dataloader import Mnist, build_dataset
-from tests.dataloader import fakes
+from tests.support import data as fakes
 from utils.errors import ConfigError, DataError
 
 

@@ -1,5 +1,4 @@
-"""The package surface: the factory, the restricted unpickler, seeds and import rules."""
-import ast
+"""The package surface: the factory, the restricted unpickler, seeds and file sizes (import rules: tests/test_layering.py)."""
 import pathlib
 import pickle
 import sys
@@ -11,7 +10,7 @@ import tensorflow as tf
 import dataloader
 from dataloader import Cifar, ImageNet, Mnist, build_dataset, seeds
 from dataloader.safe_pickle import load_pickle
-from tests.dataloader import fakes
+from tests.support import data as fakes
 from utils.errors import ConfigError, DataError
 
 PACKAGE = pathlib.Path(dataloader.__file__).parent
@@ -74,24 +73,6 @@ def test_seeds_are_pure_and_distinct():
         np.random.set_state(state)
     assert len({seeds.epoch_key(1, 2), seeds.epoch_key(2, 1), seeds.epoch_key(1, 3)}) == 3
     assert sorted(seeds.permutation(4, 1, 10)) == list(range(10))
-
-
-_ALLOWED_IMPORTS = {"numpy", "tensorflow", "utils", "dataloader"}
-
-
-def test_package_imports_only_utils_numpy_tensorflow_and_stdlib():
-    for path in PACKAGE.glob("*.py"):
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                names = [node.module]
-            else:
-                continue
-            for name in names:
-                top = name.split(".")[0]
-                assert top in _ALLOWED_IMPORTS or top in sys.stdlib_module_names, (path.name, name)
 
 
 def test_files_stay_small():

@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from dataloader import CIFAR10, Cifar
 from dataloader.cifar import CIFAR10_MEAN, CIFAR10_STD
-from tests.dataloader import fakes
+from tests.support import data as fakes
 from utils.errors import ConfigError
 
 

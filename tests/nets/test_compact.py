@@ -5,12 +5,12 @@ import pytest
 import tensorflow as tf
 
 import nets
-from tests.nets.helpers import assert_close_to_scale, input_for, random_masks, randomise, small_net
+from tests.support.nets import assert_close_to_scale, input_for, random_masks, randomise, small_net
 
 
 def traced_with_widths(net):
     """`net(x, training)` traced, returning the logits and the channel count of every tapped
-    activation (`tap(group, x)` sees each group's final activations); `keys[training]` lists
+    activation (the `group` and `block` sites, where each group's activations are final); `keys[training]` lists
     the tapped groups, in order, once it has traced."""
     keys = {}
 
@@ -18,9 +18,10 @@ def traced_with_widths(net):
     def forward(x, training):
         seen, widths = [], []
 
-        def tap(group, h):
-            seen.append(group.key)
-            widths.append(tf.shape(h)[-1])
+        def tap(site, h):
+            if site.final:  # where the group's activations are final (EKG's gates)
+                seen.append(site.group.key)
+                widths.append(tf.shape(h)[-1])
             return h
 
         logits = net(x, training=training, tap=tap)
@@ -33,7 +34,8 @@ def traced_with_widths(net):
 def eager_with_widths(net, x, training):
     """`(logits, [(tapped group key, channel count)])` of an eager call."""
     seen = []
-    logits = net(x, training=training, tap=lambda group, h: seen.append((group.key, h.shape[-1])) or h)
+    logits = net(x, training=training,
+                 tap=lambda site, h: (seen.append((site.group.key, h.shape[-1])) if site.final else None) or h)
     return logits, seen
 
 

@@ -5,9 +5,9 @@ import pytest
 
 import nets
 from nets.compactor import fold
-from tests.nets.helpers import assert_close_to_scale, family_representatives, input_for, randomise, small_net
+from tests.support.nets import assert_close_to_scale, family_representatives, input_for, randomise, small_net
 
-# One net per family: the deeper variants repeat the same blocks (tests/nets/helpers.py).
+# One net per family: the deeper variants repeat the same blocks (tests/support/nets.py).
 FAMILIES = family_representatives()
 # Groups that get a compactor: every prunable group written by conv + BN and not filtered by a
 # depthwise conv (MobileNetV2's expanded groups and its stem are); none without BatchNorm.
@@ -46,10 +46,12 @@ def test_compactors_start_as_identity_and_fold_exactly(arch):
     assert list(net.compactors) == list(added)
     # Rounding only: without compactors inference BN is folded into the convs (`conv_bn`).
     assert_close_to_scale(net(x).numpy(), before, err_msg=arch)
-    # Old parameter names are untouched; each compactor adds a kernel and a mask under its group.
-    new = [k for k in net.param_vars() if k not in names]
-    assert sorted(new) == sorted(f"{k}/compactor/{v}:0" for k in added for v in ("kernel", "mask"))
+    # The EKG params are untouched (a reference pickle still loads); each compactor's kernel and mask
+    # are transform state, saved beside them, and the kernel is trained.
+    assert list(net.param_vars()) == names
+    assert sorted(net.transform_state()) == sorted(f"t{i}/{v}" for i in range(len(added)) for v in ("kernel", "mask"))
     assert all(c.kernel.trainable and not c.mask.trainable for c in added.values())
+    assert {v.ref() for c in added.values() for v in (c.kernel,)} <= {v.ref() for v in net.trainable_variables}
 
     # Mixing compactors; half of them close half of their rows. The slimmed net equals the
     # trained net with the closed rows zeroed (the other compactors fold with every row open).
@@ -87,7 +89,10 @@ def test_one_compactor_serves_a_residual_stream():
     stream = net.compactors["stage1"]
     users = [bn.key for conv, bn in net.compacted_pairs() if bn.compactor is stream]
     assert users == ["BasicBlock1.0/bn3", "BasicBlock1.0/bn2", "BasicBlock1.1/bn2", "BasicBlock1.2/bn2"]
-    assert net.spec()["compactors"] == list(net.compactors) and "compactors" not in small_net("ResNet-20").spec()
+    [entry] = [t for t in net.spec()["transforms"] if t["config"] == {"group": "stage1"}]
+    assert entry["kind"] == "compactor" and entry["targets"] == [f"{key}:out" for key in users]
+    assert [t["config"]["group"] for t in net.spec()["transforms"]] == list(net.compactors)
+    assert "transforms" not in small_net("ResNet-20").spec()
 
 
 def test_compactors_need_an_unmasked_net_and_are_added_once():

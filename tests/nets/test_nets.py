@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 import nets
-from tests.nets.helpers import (assert_close_to_scale, family_representatives, input_for, random_masks, randomise,
+from tests.support.nets import (assert_close_to_scale, family_representatives, input_for, random_masks, randomise,
                                 small_net)
 from utils.params_io import load_params, save_params
 

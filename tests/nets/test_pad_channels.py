@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 import nets
-from tests.nets.helpers import assert_close_to_scale, input_for, random_masks, randomise, small_net
+from tests.support.nets import assert_close_to_scale, input_for, random_masks, randomise, small_net
 
 
 @pytest.mark.parametrize("arch", ["ResNet-20", "ResNet-50", "MobileNetV2", "VGG-16", "LeNet-5", "MLP"])

@@ -5,27 +5,27 @@ import contextlib
 import numpy as np
 import pytest
 
-import nets.base
-from tests.nets.helpers import input_for, tiny_resnet, train_steps, trainable_keys
+from nets.layers import ForwardState
+from tests.support.nets import input_for, tiny_resnet, train_steps, trainable_keys
 
 
 @pytest.fixture
 def replays(monkeypatch):
     """The segments whose forward pass was run again for a gradient (counted when traced).
 
-    `Net.__call__` enters `replaying()` exactly around `op_utils.recompute`'s second run of a
-    segment, which is also where BatchNorm takes its no-update branch.
+    `Net.__call__` enters its `ForwardState.replay()` exactly around `op_utils.recompute`'s second
+    run of a segment, which is also where BatchNorm takes its no-update branch.
     """
     seen = []
-    real = nets.base.replaying
+    real = ForwardState.replay
 
     @contextlib.contextmanager
-    def counting():
-        with real():
+    def counting(self):
+        with real(self):
             seen.append(1)
             yield
 
-    monkeypatch.setattr(nets.base, "replaying", counting)
+    monkeypatch.setattr(ForwardState, "replay", counting)
     return seen
 
 
@@ -69,6 +69,6 @@ def test_recompute_leaves_inference_and_taps_alone(replays):
     net.set_recompute(True)
     np.testing.assert_array_equal(net(x, training=False).numpy(), want)
     seen = []
-    net(x, training=True, tap=lambda group, h: seen.append(group.key) or h)
+    net(x, training=True, tap=lambda site, h: seen.append(site.name) or h)
     assert "stem" in seen
     assert not replays  # no gradient, no second run

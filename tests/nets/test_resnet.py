@@ -8,7 +8,7 @@ import tensorflow as tf
 
 import nets
 from op_utils.strategy import make_strategy
-from tests.nets.helpers import assert_close_to_scale, input_for, randomise, small_net, tiny_resnet
+from tests.support.nets import assert_close_to_scale, input_for, randomise, small_net, tiny_resnet
 from utils.errors import ConfigError, ParamsError
 from utils.params_io import load_params
 

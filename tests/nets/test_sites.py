@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from nets.sites import Record, Replace
-from tests.nets.helpers import family_representatives, input_for, randomise, small_net
+from tests.support.nets import family_representatives, input_for, randomise, small_net
 
 
 @pytest.mark.parametrize("arch", family_representatives())

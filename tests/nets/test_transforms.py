@@ -9,7 +9,7 @@ import nets
 from codebase.artifacts import load_net, save_net
 from nets.compactor import Compactor
 from nets.transforms import _REGISTRY
-from tests.nets.helpers import assert_close_to_scale, input_for, random_masks, randomise, small_net
+from tests.support.nets import assert_close_to_scale, input_for, random_masks, randomise, small_net
 
 
 def _compactor(net, rng):

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from tests.nets.helpers import tiny_resnet, train_steps, trainable_keys
+from tests.support.nets import tiny_resnet, train_steps, trainable_keys
 
 
 def test_xla_train_steps_of_a_masked_resnet_equal_the_plain_steps():

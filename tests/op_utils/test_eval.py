@@ -5,8 +5,9 @@ import tensorflow as tf
 
 from op_utils.optim import SGD
 from op_utils.strategy import make_strategy
+from op_utils.task import Classify
 from op_utils.trainer import Trainer
-from tests.op_utils.models import MLP, ConvNet, toy_data, toy_images
+from tests.support.toy import MLP, ConvNet, toy_data, toy_images
 from utils.errors import DataError
 
 
@@ -24,7 +25,7 @@ def test_exact_metrics_with_a_partial_last_batch_on_two_replicas():
     strategy = make_strategy(num_replicas=2)
     with strategy.scope():
         model = MLP(classes=9, seed=3)
-    trainer = Trainer(strategy, model, SGD(0.1), global_batch_size=4)
+    trainer = Trainer(strategy, Classify(model), SGD(0.1), global_batch_size=4)
     x, y = toy_data(13, classes=9, seed=7)
     # 13 = 4 + 4 + 4 + 1: the last batch leaves one replica with no example at all.
     got = trainer.evaluate(tf.data.Dataset.from_tensor_slices((x, y)).batch(4))
@@ -52,7 +53,7 @@ def test_empty_evaluation_set_is_a_data_error():
     strategy = make_strategy(num_replicas=2)
     with strategy.scope():
         model = MLP()
-    trainer = Trainer(strategy, model, SGD(0.1), global_batch_size=4)
+    trainer = Trainer(strategy, Classify(model), SGD(0.1), global_batch_size=4)
     x, y = toy_data(0)
     with pytest.raises(DataError, match="empty"):
         trainer.evaluate(tf.data.Dataset.from_tensor_slices((x, y)).batch(4))
@@ -62,7 +63,7 @@ def _bn_trainer(global_batch=8):
     strategy = make_strategy(num_replicas=2)
     with strategy.scope():
         model = ConvNet()
-    return strategy, model, Trainer(strategy, model, SGD(0.1), global_batch_size=global_batch)
+    return strategy, model, Trainer(strategy, Classify(model), SGD(0.1), global_batch_size=global_batch)
 
 
 def test_evaluation_uses_moving_statistics_and_leaves_them_alone():
@@ -113,7 +114,7 @@ def test_bn_net_with_xla_and_accumulation_matches_the_plain_step():
     results = []
     for xla in (False, True):
         strategy, model, trainer = _bn_trainer()
-        trainer = Trainer(strategy, model, SGD(0.1), global_batch_size=8, accum=2, xla=xla)
+        trainer = Trainer(strategy, Classify(model), SGD(0.1), global_batch_size=8, accum=2, xla=xla)
         x, y = toy_images(16)
         ds = strategy.experimental_distribute_dataset(
             tf.data.Dataset.from_tensor_slices((x, y)).batch(8))

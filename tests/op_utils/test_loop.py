@@ -11,19 +11,21 @@ from op_utils.loop import fit
 from op_utils.optim import SGD
 from op_utils.schedules import StepDecay
 from op_utils.strategy import make_strategy
+from op_utils.task import Classify
 from op_utils.trainer import Trainer
-from tests.op_utils.models import MLP, make_train_data_fn, toy_data
+from tests.support.toy import MLP, make_train_data_fn, toy_data
 from utils.errors import ConfigError, TrainingError
 
 BATCH = 8
 
 
-def make_trainer(replicas=2, epochs=2, steps_per_epoch=3, **kwargs):
+def make_trainer(replicas=2, epochs=2, steps_per_epoch=3, loss_fn=None, **kwargs):
     strategy = make_strategy(num_replicas=replicas)
     with strategy.scope():
         model = MLP()
     schedule = StepDecay(0.1, epochs * steps_per_epoch, decay_points=(0.5,))
-    return Trainer(strategy, model, SGD(schedule, weight_decay=1e-3), global_batch_size=BATCH, **kwargs)
+    task = Classify(model) if loss_fn is None else Classify(model, loss_fn)
+    return Trainer(strategy, task, SGD(schedule, weight_decay=1e-3), global_batch_size=BATCH, **kwargs)
 
 
 def nan_carrying_loss(model, batch, training):
@@ -186,7 +188,7 @@ def test_checkpoint_carries_the_random_generator_state(tmp_path):
     with strategy.scope():
         model = MLP()
     rng = tf.random.Generator.from_seed(7)
-    trainer = Trainer(strategy, model, SGD(0.1), global_batch_size=BATCH, rng=rng)
+    trainer = Trainer(strategy, Classify(model), SGD(0.1), global_batch_size=BATCH, rng=rng)
     rng.normal([3])
     path = trainer.checkpoint.save(str(tmp_path / "ckpt"))
     expected = rng.normal([3]).numpy()

@@ -6,8 +6,9 @@ import tensorflow as tf
 from op_utils.loop import fit
 from op_utils.optim import SGD
 from op_utils.strategy import make_strategy
+from op_utils.task import Classify
 from op_utils.trainer import Trainer
-from tests.op_utils.models import MLP
+from tests.support.toy import MLP
 from tests.op_utils.test_loop import BATCH, data_fn, summary_tags
 
 
@@ -16,7 +17,7 @@ def test_step_hook_runs_after_every_step_and_its_state_is_checkpointed(tmp_path)
     with strategy.scope():
         model = MLP()
         model.marker = tf.Variable(0.0, trainable=False)  # stands for a mask the hook updates
-    trainer = Trainer(strategy, model, SGD(0.1), global_batch_size=BATCH)
+    trainer = Trainer(strategy, Classify(model), SGD(0.1), global_batch_size=BATCH)
     steps = []
 
     def hook(step):

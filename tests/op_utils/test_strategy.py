@@ -72,7 +72,7 @@ def test_make_strategy_makes_the_cpu_devices_allocate_through_bfc(env_value):
     import subprocess
     import sys
 
-    from tests.op_utils.procs import REPO, toy_env
+    from tests.support.procs import REPO, toy_env
 
     env = toy_env()
     env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)

@@ -6,12 +6,12 @@ import time
 import numpy as np
 import pytest
 
-from tests.op_utils.procs import (
+from tests.support.procs import (
     free_port,
     kill,
     latest_checkpoint_number,
     load_result,
-    run_toy,
+    run_toy_here,
     start_toy,
     tail,
     wait_all,
@@ -29,8 +29,7 @@ def assert_same_weights(got, want):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_mid_epoch_matches_an_uninterrupted_run(tmp_path):
-    full = run_toy(tmp_path / "full", tmp_path / "full_out", COMMON + ["--replicas", "2"],
-                   tmp_path / "full.log")
+    full = run_toy_here(tmp_path / "full", tmp_path / "full_out", COMMON + ["--replicas", "2"])
 
     # Slow batches (0.25 s each, two per step) leave time to kill between checkpoints.
     train_path = tmp_path / "killed"
@@ -54,8 +53,8 @@ def test_resume_after_sigkill_mid_epoch_matches_an_uninterrupted_run(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert not os.path.exists(str(tmp_path / "killed_out") + ".json")
 
-    resumed = run_toy(train_path, tmp_path / "resumed_out",
-                      COMMON + ["--replicas", "2", "--resume"], tmp_path / "resumed.log")
+    # Only the killed run needs a process of its own; its resumption runs here.
+    resumed = run_toy_here(train_path, tmp_path / "resumed_out", COMMON + ["--replicas", "2", "--resume"])
     start = resumed["start"]
     assert start["epoch"] == 1 and 0 < start["step_in_epoch"] < STEPS, start
     assert start["global_step"] == STEPS + start["step_in_epoch"]
@@ -68,8 +67,7 @@ def test_resume_after_sigkill_mid_epoch_matches_an_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_two_workers_on_loopback_match_a_single_process(tmp_path):
     args = ["--epochs", "2", "--steps_per_epoch", "3", "--ckpt_every", "2"]
-    single = run_toy(tmp_path / "single", tmp_path / "single_out", args + ["--replicas", "1"],
-                     tmp_path / "single.log")
+    single = run_toy_here(tmp_path / "single", tmp_path / "single_out", args + ["--replicas", "1"])
 
     ports = {free_port()}
     while len(ports) < 2:

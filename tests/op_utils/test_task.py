@@ -9,7 +9,7 @@ from op_utils.optim import SGD, Adam
 from op_utils.strategy import make_strategy
 from op_utils.task import Classify, LossOut, Task
 from op_utils.trainer import Trainer
-from tests.op_utils.models import MLP, toy_data
+from tests.support.toy import MLP, toy_data
 from utils.errors import ConfigError
 
 BATCH = 8

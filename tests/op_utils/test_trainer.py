@@ -5,21 +5,22 @@ import tensorflow as tf
 
 from op_utils.optim import SGD
 from op_utils.strategy import make_strategy
+from op_utils.task import Classify
 from op_utils.trainer import Trainer
-from tests.op_utils.models import MLP, toy_data
+from tests.support.toy import MLP, toy_data
 from utils.errors import ConfigError
 
 BATCH = 16
 STEPS = 3
 
 
-def run_mlp(replicas=1, accum=1, xla=False, steps=STEPS, lr=0.1, **trainer_kwargs):
+def run_mlp(replicas=1, accum=1, xla=False, steps=STEPS, lr=0.1, **task_kwargs):
     """Trains a fresh MLP for ``steps`` steps; returns (losses, weights, trainer)."""
     strategy = make_strategy(num_replicas=replicas)
     with strategy.scope():
         model = MLP()
-    trainer = Trainer(strategy, model, SGD(lr, momentum=0.9, weight_decay=1e-3),
-                      global_batch_size=BATCH, accum=accum, xla=xla, **trainer_kwargs)
+    trainer = Trainer(strategy, Classify(model, **task_kwargs), SGD(lr, momentum=0.9, weight_decay=1e-3),
+                      global_batch_size=BATCH, accum=accum, xla=xla)
     x, y = toy_data(BATCH * steps)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
     losses = [float(trainer.train_step(b)["loss"])
@@ -106,8 +107,7 @@ def test_extras_are_reported_as_means():
     strategy = make_strategy(num_replicas=2)
     with strategy.scope():
         model = MLP()
-    trainer = Trainer(strategy, model, SGD(0.1), global_batch_size=BATCH, accum=2,
-                      loss_fn=loss_fn)
+    trainer = Trainer(strategy, Classify(model, loss_fn), SGD(0.1), global_batch_size=BATCH, accum=2)
     x, y = toy_data(BATCH)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
     out = trainer.train_step(next(iter(strategy.experimental_distribute_dataset(ds))))
@@ -132,7 +132,7 @@ def test_batch_must_split_into_replicas_and_micro_batches(batch, accum):
     with strategy.scope():
         model = MLP()
     with pytest.raises(ConfigError) as err:
-        Trainer(strategy, model, SGD(0.1), global_batch_size=batch, accum=accum)
+        Trainer(strategy, Classify(model), SGD(0.1), global_batch_size=batch, accum=accum)
     message = str(err.value)
     assert f"batch size {batch}" in message and "2 replica" in message
     assert f"{accum} micro-batch" in message
@@ -141,4 +141,4 @@ def test_batch_must_split_into_replicas_and_micro_batches(batch, accum):
 def test_model_must_be_built_in_the_strategy_scope():
     strategy = make_strategy(num_replicas=2)
     with pytest.raises(ConfigError, match="strategy.scope"):
-        Trainer(strategy, MLP(), SGD(0.1), global_batch_size=BATCH)
+        Trainer(strategy, Classify(MLP()), SGD(0.1), global_batch_size=BATCH)

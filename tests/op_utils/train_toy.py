@@ -39,8 +39,9 @@ def main(argv=None) -> None:
     from op_utils.optim import SGD
     from op_utils.schedules import StepDecay
     from op_utils.strategy import make_strategy
+    from op_utils.task import Classify
     from op_utils.trainer import Trainer
-    from tests.op_utils.models import MLP, make_train_data_fn, toy_data
+    from tests.support.toy import MLP, make_train_data_fn, toy_data
     from utils.logs import setup_logging
 
     setup_logging(level="INFO")
@@ -57,7 +58,7 @@ def main(argv=None) -> None:
         model = MLP()
     optimizer = SGD(StepDecay(0.1, total, decay_points=(0.5,), decay_rate=0.2),
                     momentum=0.9, nesterov=True, weight_decay=1e-3)
-    trainer = Trainer(strategy, model, optimizer, global_batch_size=args.batch,
+    trainer = Trainer(strategy, Classify(model), optimizer, global_batch_size=args.batch,
                       accum=args.accum)
 
     start = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}

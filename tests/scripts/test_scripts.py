@@ -2,15 +2,11 @@
 
 A pipeline run costs seconds of tracing, so each run is made once per module by a fixture and
 shared by the tests that read its folder; a test that writes into a run works on a copy.
-`training_steps` records the training steps a run takes and can crash one, in process.
+`tests.support.runs.training_steps` records the training steps a run takes and can crash one, in process.
 """
 
-import contextlib
-import dataclasses
 import gzip
-import hashlib
 import json
-import pathlib
 import pickle
 import re
 import shutil
@@ -23,8 +19,9 @@ import nets
 import test as test_script
 import train_cifar
 import train_imagenet
-from op_utils.trainer import Trainer
-from tests.dataloader.fakes import idx_bytes, imagenet_example, write_cifar10, write_mnist
+from codebase.context import OUTPUT
+from tests.support.data import idx_bytes, imagenet_example, write_cifar10, write_mnist
+from tests.support.runs import Crash, Run, assert_same_params, changed, digests, error_lines, training_steps
 from utils.params_io import load_params, save_params
 
 TINY = ["--train_epoch", "1", "--steps_per_epoch", "2", "--batch_size", "8", "--val_batch_size", "8",
@@ -36,65 +33,6 @@ LENET = ["--arch", "LeNet-5", "--dataset", "mnist", "--train_epoch", "2", "--ste
          "--ckpt_every_steps", "2", "--batch_size", "8", "--val_batch_size", "8", "--learning_rate", "0.01",
          "--optimizer", "adam", "--schedule", "cosine", "--do_log", "1", "--num_replicas", "2", "--accum", "2",
          "--recompute"]
-
-
-class Crash(Exception):
-    """Stands in for a process dying inside a training stage."""
-
-
-@contextlib.contextmanager
-def training_steps(crash_at=None):
-    """Yields the list of global steps the trainers run while the block runs.
-
-    Args:
-        crash_at: Raise `Crash` instead of running this global step (the steps before it ran and
-            their checkpoints were written; nothing of this step was).
-    """
-    steps = []
-    real = Trainer.train_step
-
-    def train_step(self, dist_batch):
-        step = int(self.global_step.numpy()) + 1
-        if step == crash_at:
-            raise Crash(f"crashed before step {step}")
-        steps.append(step)
-        return real(self, dist_batch)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Trainer, "train_step", train_step)
-        yield steps
-
-
-def digests(folder: pathlib.Path) -> dict:
-    """`{relative path: sha256}` of every file under `folder`."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def changed(before: dict, after: dict) -> list:
-    """The files of two `digests` that were added, removed or rewritten with other bytes."""
-    return sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
-
-
-def assert_same_params(got: pathlib.Path, want: pathlib.Path) -> None:
-    got, want = load_params(got), load_params(want)
-    assert sorted(got) == sorted(want)
-    for key in want:
-        np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-7, err_msg=key)
-
-
-def error_lines(err: str) -> list:
-    return [line for line in err.splitlines() if line.startswith("error:")]
-
-
-@dataclasses.dataclass
-class Run:
-    """A finished run: its folder, what `main` returned, and the training steps it took."""
-
-    path: pathlib.Path
-    results: dict
-    steps: list = dataclasses.field(default_factory=list)
-    stopped: dict = dataclasses.field(default_factory=dict)  # see `lenet_run`
 
 
 # === Shared data and runs ===
@@ -177,9 +115,12 @@ def test_train_cifar_then_test_json(cifar_run, cifar, capsys):
     run, results = cifar_run.path, cifar_run.results
     assert results["count"] == 12
     assert results == json.loads((run / "results.json").read_text())
-    assert json.loads((run / "stages.json").read_text()) == ["train", "test"]
-    assert json.loads((run / "config.json").read_text())["arch"] == "ResNet-20"
-    assert list((run / "train" / "tensorboard").iterdir())
+    assert json.loads((run / "stages.json").read_text()) == ["1-none/train", "1-none/test"]
+    assert json.loads((run / "config.json").read_text())["run"]["arch"] == "ResNet-20"
+    assert list((run / "1-none" / "train" / "tensorboard").iterdir())
+    # The final net at the top is the last step's, with its spec; results.json summarises every step.
+    assert (run / "trained_params.pkl").read_bytes() == (run / "1-none" / "trained_params.pkl").read_bytes()
+    assert results["steps"]["1-none"]["top1"] == results["top1"] and (run / OUTPUT).exists()
     params = load_params(run / "trained_params.pkl")
     assert params["conv/kernel:0"].shape == (3, 3, 3, 16)
 
@@ -188,8 +129,9 @@ def test_train_cifar_then_test_json(cifar_run, cifar, capsys):
                             str(run / "trained_params.pkl"), "--json", "--batch_size", "2", "--latency_runs", "2"])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == out
-    for key in ("top1", "top5", "loss", "params", "flops", "macs", "latency_ms", "batch_size"):
+    for key in ("top1", "top5", "loss", "params", "flops", "macs", "latency_ms", "batch_size", "devices"):
         assert key in printed
+    assert printed["devices"] and all("CPU" in d for d in printed["devices"])
     assert printed["top1"] == pytest.approx(results["top1"])
     assert printed["flops"] == pytest.approx(41.21e6, rel=1e-3) and printed["batch_size"] == 2
     assert out["count"] == 12
@@ -200,28 +142,33 @@ def test_lenet_on_mnist_idx_files(lenet_run):
     run, results = lenet_run.path, lenet_run.results
     assert results["count"] == 8 and 0 <= results["top1"] <= 1
     assert results == json.loads((run / "results.json").read_text())
-    config = json.loads((run / "config.json").read_text())
+    config = json.loads((run / "config.json").read_text())["run"]
     assert (config["arch"], config["num_replicas"], config["accum"], config["recompute"]) == ("LeNet-5", 2, 2, True)
-    assert json.loads((run / "stages.json").read_text()) == ["train", "test"]
-    assert set(json.loads((run / "timings.json").read_text())) == {"train", "test"}
+    assert json.loads((run / "stages.json").read_text()) == ["1-none/train", "1-none/test"]
+    assert set(json.loads((run / "timings.json").read_text())) == {"1-none/train", "1-none/test"}
     # The last two checkpoints: the second epoch's mid-epoch one and its end.
-    assert sorted(p.name for p in (run / "train" / "ckpt").glob("*.index")) == ["ckpt-4.index", "ckpt-6.index"]
+    assert sorted(p.name for p in (run / "1-none" / "train" / "ckpt").glob("*.index")) == ["ckpt-4.index",
+                                                                                        "ckpt-6.index"]
+    # The run log names the devices it used.
+    assert re.search(r"devices: \S+CPU:0 \(.*\); \S+CPU:1", (run / "log.txt").read_text())
 
 
 def test_stop_after_a_stage_then_resume(lenet_run):
     run, stopped = lenet_run.path, lenet_run.stopped
     assert stopped["result"] == {} and stopped["steps"] == [1, 2, 3, 4, 5, 6]
     assert "results.json" not in stopped["digests"]
-    assert re.search(r"stage train done in [0-9.]+ s; [0-9]+ MB resident\n.*stopping after stage train",
+    assert re.search(r"stage 1-none/train done in [0-9.]+ s; [0-9]+ MB resident\n.*stopping after stage 1-none/train",
                      (run / "log.txt").read_text())
     # The resumed process ran the test stage only: the train stage's checkpoints, TensorBoard
     # events, params and timing are as the first process left them.
     assert lenet_run.steps == []
-    assert re.findall(r"stage (\w+): already done", (run / "log.txt").read_text()) == ["train"]
-    assert changed(stopped["digests"], digests(run)) == ["config.json", "log.txt", "results.json", "stages.json",
-                                                         "timings.json"]
+    assert re.findall(r"stage (\S+): already done", (run / "log.txt").read_text()) == ["1-none/train"]
+    assert changed(stopped["digests"], digests(run)) == [
+        "1-none/results.json", "config.json", "log.txt", "results.json", "stages.json", "timings.json",
+        "trained_params.arch.json", "trained_params.pkl"]  # the test stage's results, the summary, the final net
     timings = json.loads((run / "timings.json").read_text())
-    assert timings["train"] == stopped["timings"]["train"] and set(timings) == {"train", "test"}
+    assert timings["1-none/train"] == stopped["timings"]["1-none/train"]
+    assert set(timings) == {"1-none/train", "1-none/test"}
 
 
 def test_a_new_run_never_overwrites_and_resume_refuses_other_flags(lenet_run, mnist, tmp_path, capsys):
@@ -245,7 +192,7 @@ def test_resume_of_a_finished_run_redoes_nothing(lenet_run, mnist, tmp_path):
     log_before = (run / "log.txt").read_text()
     # Run control and memory knobs may differ on resume.
     with training_steps() as steps:
-        results = train_cifar.main(lenet_args(mnist, run) + ["--resume", "--no-recompute", "--search_cache_mb", "64"])
+        results = train_cifar.main(lenet_args(mnist, run) + ["--resume", "--no-recompute"])
     assert steps == []
     assert results == lenet_run.results
     # Checkpoints, TensorBoard events, params, stages.json, timings.json and results.json are as
@@ -253,13 +200,13 @@ def test_resume_of_a_finished_run_redoes_nothing(lenet_run, mnist, tmp_path):
     # config.json holds the new run control and the folder it is now in.
     assert changed(before, digests(run)) == ["config.json", "log.txt"]
     saved = json.loads((lenet_run.path / "config.json").read_text())
-    assert json.loads((run / "config.json").read_text()) == {**saved, "train_path": str(run), "recompute": False,
-                                                             "search_cache_mb": 64}
+    assert json.loads((run / "config.json").read_text()) == {
+        **saved, "run": {**saved["run"], "train_path": str(run), "recompute": False}}
     log = (run / "log.txt").read_text()
     assert log.startswith(log_before)
     added = log[len(log_before):]
-    assert re.findall(r"stage (\w+): already done", added) == ["train", "test"]
-    assert not re.search(r"stage \w+$", added, re.MULTILINE), added
+    assert re.findall(r"stage (\S+): already done", added) == ["1-none/train", "1-none/test"]
+    assert not re.search(r"stage \S+$", added, re.MULTILINE), added
 
 
 def test_stop_after_names_a_stage_of_the_method(mnist, tmp_path, capsys):
@@ -267,7 +214,7 @@ def test_stop_after_names_a_stage_of_the_method(mnist, tmp_path, capsys):
         train_cifar.main(lenet_args(mnist, tmp_path / "run") + ["--stop_after", "search"])
     assert exit_.value.code == 2
     assert error_lines(capsys.readouterr().err) == [
-        "error: --stop_after 'search' is not a stage of --method none (train, test)"]
+        "error: --stop_after 'search' is not a stage of --method none (1-none/train, 1-none/test)"]
 
 
 def test_resume_after_a_crash_inside_a_training_stage(lenet_run, mnist, tmp_path):
@@ -277,13 +224,13 @@ def test_resume_after_a_crash_inside_a_training_stage(lenet_run, mnist, tmp_path
         train_cifar.main(lenet_args(mnist, run))
     assert steps == [1, 2, 3, 4, 5]
     assert not (run / "stages.json").exists() and not (run / "trained_params.pkl").exists()
-    assert tf.train.latest_checkpoint(str(run / "train" / "ckpt")).endswith("ckpt-4")
+    assert tf.train.latest_checkpoint(str(run / "1-none" / "train" / "ckpt")).endswith("ckpt-4")
 
     with training_steps() as steps:
         results = train_cifar.main(lenet_args(mnist, run) + ["--resume"])
     assert steps == [5, 6]
     assert re.search(r"resumed from \S+ckpt-4 \(epoch 2, step 1 of it, global step 4\)", (run / "log.txt").read_text())
-    assert json.loads((run / "stages.json").read_text()) == ["train", "test"]
+    assert json.loads((run / "stages.json").read_text()) == ["1-none/train", "1-none/test"]
     assert_same_params(run / "trained_params.pkl", lenet_run.path / "trained_params.pkl")
     assert results["loss"] == pytest.approx(lenet_run.results["loss"], rel=1e-5)
     assert results["top1"] == lenet_run.results["top1"]
@@ -303,7 +250,7 @@ def test_a_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, 
                           "--batch_size", "8", "--learning_rate", "3e38", "--decay_rate", "1", "--weight_decay", "0"])
     assert exit_.value.code == 2 and steps == [1, 2]
     errors = error_lines(capsys.readouterr().err)
-    ckpt = run / "train" / "ckpt"
+    ckpt = run / "1-none" / "train" / "ckpt"
     assert errors == [f"error: loss is NaN at step 2 (epoch 1); last checkpoint kept at {ckpt / 'ckpt-1'}"]
     # The checkpoint of step 1 is complete and readable (with the +inf bias); nothing of step 2 was saved.
     assert tf.train.latest_checkpoint(str(ckpt)) == str(ckpt / "ckpt-1")
@@ -316,9 +263,10 @@ def test_a_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, 
 
 # === Configuration ===
 @pytest.mark.parametrize("method_from", ["flag", "file"])
-def test_config_precedence(method_from, imagenet_3_classes, tmp_path):
-    # defaults < train_imagenet's preset < the method's preset < --config FILE < flags. `--stop_after
-    # baseline` with a --trained_param ends the run before any training; config.json is complete.
+def test_config_precedence(method_from, imagenet_3_classes, tmp_path, capsys):
+    # dataclass defaults < ImageNet's fine-tuning recipe (chosen by the method) < train_imagenet's own
+    # defaults < --config FILE < flags. The --trained_param is an empty pickle, so the run stops in its
+    # first stage with one error line, after config.json is written complete.
     overlay = {"weight_decay": 3e-4, "val_batch_size": 16, "seed": 5, "image_size": 32}
     method = ["--method", "random"] if method_from == "flag" else []
     if method_from == "file":
@@ -327,24 +275,29 @@ def test_config_precedence(method_from, imagenet_3_classes, tmp_path):
     start = tmp_path / "start.pkl"
     start.write_bytes(pickle.dumps({}))
     run = tmp_path / "run"
-    assert train_imagenet.main([*method, "--config", str(tmp_path / "config.json"), "--data_path",
-                                str(imagenet_3_classes), "--train_path", str(run), "--trained_param", str(start),
-                                "--stop_after", "baseline", "--seed", "7"]) == {}
+    with pytest.raises(SystemExit) as exit_:
+        train_imagenet.main([*method, "--config", str(tmp_path / "config.json"), "--data_path", str(imagenet_3_classes),
+                             "--train_path", str(run), "--trained_param", str(start), "--seed", "7"])
+    assert exit_.value.code == 2 and "do not fit ResNet-50" in error_lines(capsys.readouterr().err)[0]
     saved = json.loads((run / "config.json").read_text())
-    assert json.loads((run / "stages.json").read_text()) == ["baseline"]
-    expected = dict(
-        search_step=0.2, momentum=0.9, resrep_epoch=480,  # dataclass defaults
-        arch="ResNet-50", dataset="imagenet", train_epoch=90, batch_size=256,  # the script's preset
-        learning_rate=0.01, decay_points=[0.3, 0.6, 0.8], decay_rate=0.2,  # the method's, over the script's
-        weight_decay=3e-4, val_batch_size=16, image_size=32,  # the file, over the method's
-        seed=7, method="random", train_path=str(run), stop_after="baseline")  # the flags, over the file
-    assert {key: saved[key] for key in expected} == expected
+    [step] = saved["steps"]  # a --trained_param: no baseline step
+    assert (step["name"], step["method"]) == ("1-random", "random")
+    assert step["options"] == {"search_target_rate": 0.45, "search_batch_size": 256}  # dataclass defaults
+    assert {k: step["optim"][k] for k in ("momentum", "warmup_epochs")} == {"momentum": 0.9, "warmup_epochs": 0.0}
+    assert {k: step["optim"][k] for k in ("learning_rate", "decay_points", "decay_rate", "batch_size", "train_epoch")} \
+        == {"learning_rate": 0.01, "decay_points": [0.3, 0.6, 0.8], "decay_rate": 0.2, "batch_size": 256,
+            "train_epoch": 90}  # ImageNet's fine-tuning recipe
+    assert step["optim"]["weight_decay"] == 3e-4  # the file, over the recipe
+    expected = dict(arch="ResNet-50", dataset="imagenet",  # the script's defaults
+                    val_batch_size=16, image_size=32,  # the file
+                    seed=7, method="random", train_path=str(run))  # the flags, over the file
+    assert {key: saved["run"][key] for key in expected} == expected
 
 
 @pytest.mark.parametrize("content, message", [
     (None, "cannot read it"),
-    ("{'seed': 1}", "cannot read it"),
-    ("5", "expected a JSON object of fields, got int"),
+    ("{'seed': 1}", "not valid JSON"),
+    ("5", "expected a JSON object of config fields, got int"),
     ('{"seeds": 1}', "unknown field 'seeds'"),
 ])
 def test_a_bad_config_file_is_one_clear_line(content, message, tmp_path, capsys):
@@ -364,8 +317,10 @@ def test_a_bad_config_file_is_one_clear_line(content, message, tmp_path, capsys)
     (["--batch_size", "0"], "--batch_size must be positive"),
     (["--decay_points", "0.5", "0.2"], "--decay_points"),
     (["--compile", "maybe"], "--compile must be one of"),
-    (["--search_round_to", "0"], "--search_round_to must be positive"),
-    (["--search_cache_mb", "0"], "--search_cache_mb must be positive"),
+    (["--method", "ekg", "--search_round_to", "0"], "--search_round_to must be positive"),
+    (["--method", "ekg", "--search_cache_mb", "0"], "--search_cache_mb must be positive"),
+    (["--search_cache_mb", "64"], "--search_cache_mb is an option of --method ekg, which this run does not use"),
+    (["--method", "l1,kd", "--kd_weight", "-1"], "--kd_weight must be >= 0"),
     (["--batch_size", "6", "--accum", "4"], "multiple of"),
     (["--image_size", "32"], "--image_size applies to --dataset imagenet only"),
     (["--arch", "ResNet-7"], "unknown --arch"),
@@ -417,10 +372,11 @@ def test_train_imagenet_on_tfrecord_shards_at_a_small_size(imagenet_ekg_run, ima
 def test_train_imagenet_ekg_streams_subsets_and_memory_bank(imagenet_ekg_run):
     run, results = imagenet_ekg_run.path, imagenet_ekg_run.results
     assert results["ekg_flops"] <= 0.99 * results["full_ekg_flops"]
-    assert json.loads((run / "stages.json").read_text())[-1] == "test"
-    np.testing.assert_array_equal(np.load(run / "train_labels.npy"), np.arange(12) % 3)
-    meta = json.loads((run / "knowledge.json").read_text())
+    assert json.loads((run / "stages.json").read_text())[-1] == "1-ekg/test"
+    step = run / "1-ekg"
+    np.testing.assert_array_equal(np.load(step / "train_labels.npy"), np.arange(12) % 3)
+    meta = json.loads((step / "knowledge.json").read_text())
     assert meta == {"shape": [12, 1000, meta["shape"][2]], "dtype": "float16"} and meta["shape"][2] >= 1
-    bank = np.fromfile(run / "knowledge.f16", np.float16).reshape(meta["shape"])
+    bank = np.fromfile(step / "knowledge.f16", np.float16).reshape(meta["shape"])
     assert np.isfinite(bank).all() and np.abs(bank).max() > 0
-    assert not (run / "knowledge.npy").exists()
+    assert not (step / "knowledge.npy").exists()

@@ -1,4 +1,4 @@
-"""Running ``tests/op_utils/train_toy.py`` in subprocesses, always bounded by timeouts."""
+"""Running ``tests/op_utils/train_toy.py`` in subprocesses, always bounded by timeouts, or in this process."""
 import json
 import os
 import signal
@@ -60,9 +60,12 @@ def wait_all(procs, logs, timeout: float) -> None:
             kill(proc)
 
 
-def run_toy(train_path, out, args, log_path, timeout=240.0) -> dict:
-    proc = start_toy(train_path, out, args, log_path)
-    wait_all([proc], [log_path], timeout)
+def run_toy_here(train_path, out, args) -> dict:
+    """`train_toy` in this process (the references a killed or multi-worker run is compared
+    with need no process of their own: one TensorFlow start-up fewer each)."""
+    from tests.op_utils import train_toy
+
+    train_toy.main(["--train_path", str(train_path), "--out", str(out), *args])
     return load_result(out)
 
 

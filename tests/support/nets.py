@@ -7,6 +7,7 @@ import nets
 from nets.registry import lookup
 from op_utils.optim import SGD
 from op_utils.strategy import make_strategy
+from op_utils.task import Classify
 from op_utils.trainer import Trainer
 
 # Test-sized configs: ImageNet nets at 64x64 keep the structure (every stride) but run fast.
@@ -124,7 +125,7 @@ def train_steps(net_fn, steps=2, batch=8, replicas=1, accum=1, xla=False, seed=1
     with strategy.scope():
         net = net_fn()
     before = net.get_params()
-    trainer = Trainer(strategy, net, SGD(0.05, momentum=0.9, weight_decay=1e-4), global_batch_size=batch,
+    trainer = Trainer(strategy, Classify(net), SGD(0.05, momentum=0.9, weight_decay=1e-4), global_batch_size=batch,
                       accum=accum, xla=xla)
     x = input_for(net, batch=batch * steps, seed=seed)
     y = np.arange(batch * steps) % net.groups["logits"].size

@@ -2,7 +2,7 @@
 
 Usage from any test package::
 
-    from tests.dataloader.fakes import write_cifar10
+    from tests.support.data import write_cifar10
     fake = write_cifar10(tmp_path)            # tmp_path / "cifar-10-batches-py"
     dataset = build_dataset("cifar10", fake.path)
 

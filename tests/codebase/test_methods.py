@@ -1,0 +1,184 @@
+"""Every registered method, end to end through `train_cifar.py`, once each on tiny data with two
+replicas and accumulation; chains of methods, resumed mid-step; `test.py` on any step's output.
+
+Each method's run is made once (module-scoped) and shared by the tests that read its folder. A new
+method registers its tiny options in `SMOKE` (the test below fails until it does).
+"""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import nets
+import test as test_script
+import train_cifar
+from codebase.artifacts import load_net, save_net
+from codebase.methods import method_names
+from tests.support.data import write_cifar10, write_mnist
+from tests.support.runs import Crash, assert_same_params, training_steps
+from utils.params_io import load_params
+
+ENGINE = ["--train_epoch", "1", "--steps_per_epoch", "2", "--batch_size", "8", "--val_batch_size", "8",
+          "--do_log", "1", "--baseline_epoch", "1", "--num_replicas", "2", "--accum", "2"]
+# Per method: the net and data of its smoke run and tiny options (big_vision's runlocal configs).
+# LeNet-5 on MNIST traces fastest; methods that need BatchNorm run ResNet-20 on CIFAR-10.
+SMOKE = {
+    "none": ("LeNet-5", []),
+    "l1": ("LeNet-5", ["--search_target_rate", "0.6", "--search_batch_size", "8"]),
+    "random": ("LeNet-5", ["--search_target_rate", "0.6", "--search_batch_size", "8"]),
+    "kd": ("LeNet-5", ["--kd_temperature", "2", "--kd_weight", "0.5"]),
+    "ekg": ("ResNet-20", ["--search_target_rate", "0.9", "--search_batch_size", "16", "--search_train_per_class", "2",
+                          "--search_val_per_class", "2", "--num_teacher", "2"]),
+    "resrep": ("ResNet-20", ["--resrep_epoch", "1", "--resrep_interval", "1", "--resrep_before_mask", "0.3",
+                             "--resrep_target", "0.9", "--search_batch_size", "16"]),
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Each net's data flags; ResNet-20 runs start from a saved (untrained) net: no baseline to trace."""
+    root = tmp_path_factory.mktemp("data")
+    resnet = root / "resnet20.pkl"
+    save_net(nets.build("ResNet-20", masked=False), str(resnet))
+    return {"LeNet-5": ["--dataset", "mnist", "--data_path", str(write_mnist(root / "mnist", num_train=24,
+                                                                             num_test=8).path)],
+            "ResNet-20": ["--dataset", "cifar10", "--data_path", str(write_cifar10(root / "cifar", per_batch=8,
+                                                                                   num_test=8).path),
+                          "--trained_param", str(resnet)]}
+
+
+def args_of(method, data, run, *extra):
+    arch, options = SMOKE[method.split(",")[-1]]
+    return ["--method", method, "--arch", arch, *data[arch], "--train_path", str(run), *ENGINE, *options, *extra]
+
+
+@pytest.fixture(scope="module", params=sorted(SMOKE))
+def method_run(request, data, tmp_path_factory):
+    method = request.param
+    run = tmp_path_factory.mktemp(method) / "run"
+    teacher = []
+    if method == "kd":  # the first step of a run: its teacher is given
+        teacher_run = tmp_path_factory.mktemp("teacher") / "run"
+        train_cifar.main(args_of("none", data, teacher_run))
+        teacher = ["--teacher_param", str(teacher_run / "trained_params.pkl")]
+    return method, run, train_cifar.main(args_of(method, data, run, *teacher))
+
+
+def test_every_registered_method_has_a_smoke_run():
+    assert set(SMOKE) == set(method_names()), "add the new method's tiny options to SMOKE"
+
+
+def test_every_method_runs_end_to_end(method_run, data, capsys):
+    method, run, results = method_run
+    stages = json.loads((run / "stages.json").read_text())
+    steps = list(results["steps"])
+    assert steps == [s for s in dict.fromkeys(name.split("/")[0] for name in stages)]
+    assert steps[-1] == f"{len(steps) - (steps[0] == '0-baseline')}-{method}" and stages[-1].endswith("/test")
+    for name in steps:  # every step wrote its net and its results
+        assert (run / name / "trained_params.pkl").exists() and (run / name / "results.json").exists()
+    assert results == json.loads((run / "results.json").read_text()) and results["count"] == 8
+    assert results["ekg_flops"] <= results["full_ekg_flops"]
+    if method in ("l1", "random", "ekg", "resrep"):
+        assert results["ekg_flops"] < results["full_ekg_flops"] and results["before_finetune_top1"] >= 0
+    # The final net is the last step's; test.py reads it (its spec gives the architecture) and agrees.
+    assert (run / "trained_params.pkl").read_bytes() == (run / steps[-1] / "trained_params.pkl").read_bytes()
+    capsys.readouterr()
+    arch = SMOKE[method][0]
+    out = test_script.main([*data[arch], "--trained_param", str(run / "trained_params.pkl"), "--json",
+                            "--latency_runs", "1"])
+    assert out["arch"] == arch and out["top1"] == pytest.approx(results["top1"]) and out["widths"] == results["widths"]
+    if method in CHECKS:
+        CHECKS[method](run, results, data, capsys)
+
+
+def check_kd(run, results, data, capsys):
+    log = (run / "log.txt").read_text()
+    assert " ce=" in log and " kd=" in log  # the loop's epoch line; TensorBoard gets train/ce, train/kd
+    teacher = json.loads((run / "1-kd" / "teacher.json").read_text())
+    assert teacher["arch"] == "LeNet-5" and 0 <= teacher["top1"] <= 1 and teacher["params"] > 0
+
+
+def check_ekg(run, results, data, capsys):
+    bank = np.load(run / "1-ekg" / "knowledge.npy")
+    assert bank.shape == (40, 10, 2) and np.isfinite(bank).all()  # every training image, 2 teachers
+    state = json.loads((run / "1-ekg" / "search_state.json").read_text())
+    assert state["done"] and state["step"] == results["search_steps"] >= 1
+
+
+def check_resrep(run, results, data, capsys):
+    # No --train_epoch fine-tuning after a (lossless) conversion: here it runs, as ENGINE asks for one.
+    step = run / "1-resrep"
+    assert json.loads((run / "stages.json").read_text()) == [
+        "1-resrep/resrep", "1-resrep/convert", "1-resrep/finetune", "1-resrep/test"]
+    pruned = json.loads((step / "prune_results.json").read_text())
+    # One mask update (after step 2, the lasso-only step 1 before it) closes at most 4 rows more than the 0
+    # closed; one step cannot decay them, so the conversion is lossy and BN statistics are re-estimated.
+    assert pruned["closed_channels"] == 4 and pruned["flops_rate"] < 1.0
+    assert pruned["closed_norm_max"] > 0.5 and pruned["bn_reestimated"] is True
+    trained = load_net("ResNet-20", str(step / "resrep_params.pkl"), input_size=32, num_classes=10)
+    assert not any("compactor" in key for key in load_params(step / "resrep_params.pkl"))  # EKG params only
+    closed = {k: c.group.size - int(c.mask.numpy().sum()) for k, c in trained.compactors.items()}
+    assert sum(closed.values()) == 4
+    assert pruned["widths"] == {k: w - closed.get(k, 0) for k, w in trained.widths().items()}
+    # The masks are variables of the net: the stage's last checkpoint holds them.
+    reader = tf.train.load_checkpoint(str(step / "resrep" / "ckpt"))
+    [key] = [k for k in reader.get_variable_to_shape_map() if k.startswith("model/_transforms/0/mask")]
+    np.testing.assert_array_equal(reader.get_tensor(key), trained.compactors["stem"].mask.numpy())
+    # --pad_to: the same accuracy from every width rounded up to a multiple of 8 (at most the full 16/32/64).
+    capsys.readouterr()
+    padded = test_script.main([*data["ResNet-20"][:4], "--trained_param", str(run / "trained_params.pkl"), "--json",
+                               "--latency_runs", "1", "--pad_to", "8"])
+    assert padded["top1"] == pytest.approx(results["top1"]) and padded["pad_to"] == 8
+    assert padded["widths"] == {k: min(-(-w // 8) * 8, trained.full_sizes[k]) for k, w in results["widths"].items()}
+
+
+CHECKS = {"kd": check_kd, "ekg": check_ekg, "resrep": check_resrep}
+
+
+# === Chains ===
+@pytest.fixture(scope="module")
+def chain(data, tmp_path_factory):
+    """`--method l1,kd` uninterrupted: baseline, L1 pruning (no fine-tuning of its own), distillation."""
+    run = tmp_path_factory.mktemp("chain") / "run"
+    with training_steps() as steps:
+        results = train_cifar.main(args_of("l1,kd", data, run, "--ckpt_every_steps", "1", "--train_epoch", "2",
+                                           *SMOKE["l1"][1]))
+    return run, results, steps
+
+
+def test_a_chain_passes_each_step_the_previous_steps_net(chain, data, capsys):
+    run, results, _ = chain
+    assert json.loads((run / "stages.json").read_text()) == [
+        "0-baseline/train", "0-baseline/test", "1-l1/prune", "1-l1/test", "2-kd/train", "2-kd/test"]
+    assert list(results["steps"]) == ["0-baseline", "1-l1", "2-kd"]
+    # L1 left the fine-tuning to the distillation, whose teacher is the unpruned baseline.
+    assert not (run / "1-l1" / "finetune").exists()
+    assert json.loads((run / "2-kd" / "teacher.json").read_text())["teacher"] == str(run / "0-baseline" / "trained_params.pkl")
+    pruned = json.loads((run / "1-l1" / "trained_params.arch.json").read_text())["widths"]
+    assert results["widths"] == pruned and results["steps"]["1-l1"]["widths"] == pruned
+    # test.py evaluates any step's output, each with its own widths.
+    for name in ("0-baseline", "1-l1", "2-kd"):
+        capsys.readouterr()
+        out = test_script.main([*data["LeNet-5"], "--trained_param", str(run / name / "trained_params.pkl"),
+                                "--json", "--latency_runs", "1"])
+        assert out["top1"] == pytest.approx(results["steps"][name]["top1"]), name
+
+
+def test_a_chain_resumed_in_the_middle_of_its_second_step_ends_where_an_uninterrupted_one_ends(chain, data,
+                                                                                                  tmp_path):
+    whole, whole_results, whole_steps = chain
+    run = tmp_path / "run"
+    args = args_of("l1,kd", data, run, "--ckpt_every_steps", "1", "--train_epoch", "2", *SMOKE["l1"][1])
+    # The baseline trains steps 1-2; the distillation's trainer counts its own steps: it dies before its 3rd.
+    with training_steps(crash_at=3), pytest.raises(Crash):
+        train_cifar.main(args)
+    assert json.loads((run / "stages.json").read_text()) == ["0-baseline/train", "0-baseline/test", "1-l1/prune",
+                                                             "1-l1/test"]
+    with training_steps() as resumed:
+        results = train_cifar.main(args + ["--resume"])
+    assert resumed == [3, 4]  # only the distillation's remaining steps ran
+    assert_same_params(run / "trained_params.pkl", whole / "trained_params.pkl")
+    assert results["top1"] == whole_results["top1"] and results["loss"] == pytest.approx(whole_results["loss"])
+    assert whole_steps == [1, 2, 1, 2, 3, 4]  # baseline, then distillation; L1 trains nothing
