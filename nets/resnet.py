@@ -1,6 +1,6 @@
 """ResNets with the EKG reference's variable names, shapes and conventions.
 
-CIFAR ResNet-20/32/56/110: 3x3 stem to 16 channels, three stages of basic blocks (16/32/64,
+CIFAR ResNet-8/20/32/56/110: 3x3 stem to 16 channels, three stages of basic blocks (16/32/64,
 strides 1/2/2). ImageNet ResNet-18/34 (basic blocks) and ResNet-50 (bottlenecks, x4): 7x7/2 stem
 and 3x3/2 max-pool. Every block is conv1 (carries the stride) - BN - ReLU - conv2 - BN (gamma
 initialised to 0) - add shortcut - ReLU; bottlenecks put a 1x1 conv0 - BN - ReLU in front.
@@ -134,7 +134,7 @@ class ResNet(Net):
             x = segment.fn(x, training, tap)
         return x
 
-for _depth in (20, 32, 56, 110):
+for _depth in (8, 20, 32, 56, 110):
     register(f"ResNet-{_depth}", ResNet, blocks=[(_depth - 2) // 6] * 3)
 register("ResNet-18", ResNet, blocks=[2, 2, 2, 2], imagenet_stem=True, num_classes=1000, input_size=224)
 register("ResNet-34", ResNet, blocks=[3, 4, 6, 3], imagenet_stem=True, num_classes=1000, input_size=224)

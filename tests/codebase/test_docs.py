@@ -39,7 +39,7 @@ def taylor_method(monkeypatch):
 def test_the_worked_example_adds_a_method_with_its_flag_and_a_chain(taylor_method, tmp_path, capsys):
     data = write_cifar10(tmp_path / "data", per_batch=8, num_test=8).path
     run = tmp_path / "run"
-    args = ["--method", "taylor,kd", "--arch", "ResNet-20", "--data_path", str(data), "--train_path", str(run),
+    args = ["--method", "taylor,kd", "--arch", "ResNet-8", "--data_path", str(data), "--train_path", str(run),
             "--train_epoch", "1", "--baseline_epoch", "1", "--steps_per_epoch", "1", "--batch_size", "8",
             "--val_batch_size", "8", "--taylor_images", "16", "--search_target_rate", "0.7", "--search_batch_size", "8"]
     results = train_cifar.main(args)

@@ -53,7 +53,7 @@ def test_hinton_term_is_zero_when_the_student_matches_and_its_gradient_scales_wi
 def test_distill_trains_the_student_and_leaves_the_teacher_bitwise_unchanged():
     strategy = make_strategy(num_replicas=2)
     with strategy.scope():
-        teacher = nets.build("ResNet-20", input_size=16, num_classes=4, masked=False)
+        teacher = nets.build("ResNet-8", input_size=16, num_classes=4, masked=False)
         student = nets.build("LeNet-5", input_size=16, num_classes=4, channels=3, masked=False)
     randomise(teacher, seed=1)
     before = teacher.get_params()

@@ -5,6 +5,7 @@ Each method's run is made once (module-scoped) and shared by the tests that read
 method registers its tiny options in `SMOKE` (the test below fails until it does).
 """
 
+import collections
 import json
 
 import numpy as np
@@ -23,28 +24,28 @@ from utils.params_io import load_params
 ENGINE = ["--train_epoch", "1", "--steps_per_epoch", "2", "--batch_size", "8", "--val_batch_size", "8",
           "--do_log", "1", "--baseline_epoch", "1", "--num_replicas", "2", "--accum", "2"]
 # Per method: the net and data of its smoke run and tiny options (big_vision's runlocal configs).
-# LeNet-5 on MNIST traces fastest; methods that need BatchNorm run ResNet-20 on CIFAR-10.
+# LeNet-5 on MNIST traces fastest; methods that need BatchNorm run ResNet-8 on CIFAR-10.
 SMOKE = {
     "none": ("LeNet-5", []),
     "l1": ("LeNet-5", ["--search_target_rate", "0.6", "--search_batch_size", "8"]),
     "random": ("LeNet-5", ["--search_target_rate", "0.6", "--search_batch_size", "8"]),
     "kd": ("LeNet-5", ["--kd_temperature", "2", "--kd_weight", "0.5"]),
-    "ekg": ("ResNet-20", ["--search_target_rate", "0.9", "--search_batch_size", "16", "--search_train_per_class", "2",
+    "ekg": ("ResNet-8", ["--search_target_rate", "0.9", "--search_batch_size", "16", "--search_train_per_class", "2",
                           "--search_val_per_class", "2", "--num_teacher", "2"]),
-    "resrep": ("ResNet-20", ["--resrep_epoch", "1", "--resrep_interval", "1", "--resrep_before_mask", "0.3",
+    "resrep": ("ResNet-8", ["--resrep_epoch", "1", "--resrep_interval", "1", "--resrep_before_mask", "0.3",
                              "--resrep_target", "0.9", "--search_batch_size", "16"]),
 }
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """Each net's data flags; ResNet-20 runs start from a saved (untrained) net: no baseline to trace."""
+    """Each net's data flags; ResNet-8 runs start from a saved (untrained) net: no baseline to trace."""
     root = tmp_path_factory.mktemp("data")
-    resnet = root / "resnet20.pkl"
-    save_net(nets.build("ResNet-20", masked=False), str(resnet))
+    resnet = root / "resnet8.pkl"
+    save_net(nets.build("ResNet-8", masked=False), str(resnet))
     return {"LeNet-5": ["--dataset", "mnist", "--data_path", str(write_mnist(root / "mnist", num_train=24,
                                                                              num_test=8).path)],
-            "ResNet-20": ["--dataset", "cifar10", "--data_path", str(write_cifar10(root / "cifar", per_batch=8,
+            "ResNet-8": ["--dataset", "cifar10", "--data_path", str(write_cifar10(root / "cifar", per_batch=8,
                                                                                    num_test=8).path),
                           "--trained_param", str(resnet)]}
 
@@ -79,6 +80,11 @@ def test_every_method_runs_end_to_end(method_run, data, capsys):
     for name in steps:  # every step wrote its net and its results
         assert (run / name / "trained_params.pkl").exists() and (run / name / "results.json").exists()
     assert results == json.loads((run / "results.json").read_text()) and results["count"] == 8
+    # The log holds every line once (no handler twice) and no tf.function retracing warning from any
+    # stage (TensorFlow's warnings reach the run's log).
+    lines = (run / "log.txt").read_text().splitlines()
+    assert lines and not [line for line, n in collections.Counter(lines).items() if n > 1]
+    assert not [line for line in lines if "retracing" in line]
     assert results["ekg_flops"] <= results["full_ekg_flops"]
     if method in ("l1", "random", "ekg", "resrep"):
         assert results["ekg_flops"] < results["full_ekg_flops"] and results["before_finetune_top1"] >= 0
@@ -117,7 +123,7 @@ def check_resrep(run, results, data, capsys):
     # closed; one step cannot decay them, so the conversion is lossy and BN statistics are re-estimated.
     assert pruned["closed_channels"] == 4 and pruned["flops_rate"] < 1.0
     assert pruned["closed_norm_max"] > 0.5 and pruned["bn_reestimated"] is True
-    trained = load_net("ResNet-20", str(step / "resrep_params.pkl"), input_size=32, num_classes=10)
+    trained = load_net("ResNet-8", str(step / "resrep_params.pkl"), input_size=32, num_classes=10)
     assert not any("compactor" in key for key in load_params(step / "resrep_params.pkl"))  # EKG params only
     closed = {k: c.group.size - int(c.mask.numpy().sum()) for k, c in trained.compactors.items()}
     assert sum(closed.values()) == 4
@@ -128,7 +134,7 @@ def check_resrep(run, results, data, capsys):
     np.testing.assert_array_equal(reader.get_tensor(key), trained.compactors["stem"].mask.numpy())
     # --pad_to: the same accuracy from every width rounded up to a multiple of 8 (at most the full 16/32/64).
     capsys.readouterr()
-    padded = test_script.main([*data["ResNet-20"][:4], "--trained_param", str(run / "trained_params.pkl"), "--json",
+    padded = test_script.main([*data["ResNet-8"][:4], "--trained_param", str(run / "trained_params.pkl"), "--json",
                                "--latency_runs", "1", "--pad_to", "8"])
     assert padded["top1"] == pytest.approx(results["top1"]) and padded["pad_to"] == 8
     assert padded["widths"] == {k: min(-(-w // 8) * 8, trained.full_sizes[k]) for k, w in results["widths"].items()}

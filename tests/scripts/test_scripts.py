@@ -71,8 +71,8 @@ def lenet_run(mnist, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cifar_run(cifar, tmp_path_factory):
-    path = tmp_path_factory.mktemp("resnet20") / "run"
-    results = train_cifar.main(["--arch", "ResNet-20", "--data_path", str(cifar), "--train_path", str(path), *TINY])
+    path = tmp_path_factory.mktemp("resnet8") / "run"
+    results = train_cifar.main(["--arch", "ResNet-8", "--data_path", str(cifar), "--train_path", str(path), *TINY])
     return Run(path, results)
 
 
@@ -116,7 +116,7 @@ def test_train_cifar_then_test_json(cifar_run, cifar, capsys):
     assert results["count"] == 12
     assert results == json.loads((run / "results.json").read_text())
     assert json.loads((run / "stages.json").read_text()) == ["1-none/train", "1-none/test"]
-    assert json.loads((run / "config.json").read_text())["run"]["arch"] == "ResNet-20"
+    assert json.loads((run / "config.json").read_text())["run"]["arch"] == "ResNet-8"
     assert list((run / "1-none" / "train" / "tensorboard").iterdir())
     # The final net at the top is the last step's, with its spec; results.json summarises every step.
     assert (run / "trained_params.pkl").read_bytes() == (run / "1-none" / "trained_params.pkl").read_bytes()
@@ -125,7 +125,7 @@ def test_train_cifar_then_test_json(cifar_run, cifar, capsys):
     assert params["conv/kernel:0"].shape == (3, 3, 3, 16)
 
     capsys.readouterr()
-    out = test_script.main(["--arch", "ResNet-20", "--data_path", str(cifar), "--trained_param",
+    out = test_script.main(["--arch", "ResNet-8", "--data_path", str(cifar), "--trained_param",
                             str(run / "trained_params.pkl"), "--json", "--batch_size", "2", "--latency_runs", "2"])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == out
@@ -133,7 +133,7 @@ def test_train_cifar_then_test_json(cifar_run, cifar, capsys):
         assert key in printed
     assert printed["devices"] and all("CPU" in d for d in printed["devices"])
     assert printed["top1"] == pytest.approx(results["top1"])
-    assert printed["flops"] == pytest.approx(41.21e6, rel=1e-3) and printed["batch_size"] == 2
+    assert printed["flops"] == pytest.approx(12.67e6, rel=1e-3) and printed["batch_size"] == 2
     assert out["count"] == 12
 
 
