@@ -102,7 +102,7 @@ def summary(entries: list) -> str:
 
 
 LABELS = {"scratch_ce": "ResNet-20 from scratch, CE", "scratch_kd": "ResNet-20 from scratch, Hinton KD",
-          "l1_ce": "L1, {e} CE epochs", "l1_kd": "L1, {e} Hinton-KD epochs (l1,kd)", "ekg": "EKG, {e} KD epochs"}
+          "l1_ce": "L1, {e} CE epochs (kd_cifar.py)", "l1_kd": "L1, {e} Hinton-KD epochs (l1,kd)", "ekg": "EKG, {e} KD epochs"}
 
 
 def write_rows(entries: list, args) -> str:
@@ -122,7 +122,8 @@ def write_rows(entries: list, args) -> str:
     for title, rows in files.items():
         name = "kd_scratch" if title == SCRATCH else f"kd_pruned_ft{args.finetune_epochs}"
         path = os.path.join(_ROOT, "benchmarks", "results", f"{name}.json")
-        data = {"benchmark": title, "source": f"benchmarks/kd_cifar.py, {time.strftime('%Y-%m-%d')}",
+        data = {"benchmark": title, "figure": "cifar_10_kd_scratch" if title == SCRATCH else None,
+                "source": f"benchmarks/kd_cifar.py, {time.strftime('%Y-%m-%d')}",
                 "unpruned": {"label": "teacher / unpruned ResNet-56", "top1": 0.9351, "flops_rate": 1.0},
                 "runs": rows}
         with open(path, "w") as f:

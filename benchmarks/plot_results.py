@@ -1,10 +1,11 @@
 """Accuracy against FLOPs and against wall time, for every method in the benchmark results files.
 
-Reads every `benchmarks/results/*.json` (each: `{"benchmark", "unpruned", "runs": [{"label", "seed",
-"top1", "flops_rate", "wall_s"?}]}`, written by the benchmark scripts or transcribed from earlier
-sessions' tables), groups runs by benchmark and label, and draws one figure per benchmark: top-1
-(mean and sample standard deviation over seeds, each seed a small dot) against the fraction of the
-FLOPs kept (EKG convention), and against the wall time of a run where it was recorded.
+Reads every `benchmarks/results/*.json` (each: `{"benchmark", "figure"?, "unpruned", "runs": [{"label",
+"seed", "top1", "flops_rate", "wall_s"?}]}`, written by the benchmark scripts or transcribed from
+earlier sessions' tables; files of the same benchmark share one figure), groups runs by benchmark
+and label, and draws one figure per benchmark: top-1 (mean and sample standard deviation over
+seeds, each seed a small dot) against the fraction of the FLOPs kept (EKG convention), and against
+the wall time of a run where it was recorded.
 
     python benchmarks/plot_results.py                       # -> docs/figures/<benchmark>.png
     python benchmarks/plot_results.py --results benchmarks/results --out docs/figures
@@ -30,7 +31,9 @@ def load(folder: str) -> dict:
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         with open(path) as f:
             data = json.load(f)
-        entry = merged.setdefault(data["benchmark"], {"unpruned": data.get("unpruned"), "runs": []})
+        entry = merged.setdefault(data["benchmark"], {"unpruned": data.get("unpruned"), "runs": [],
+                                                      "figure": data.get("figure")})
+        entry["figure"] = entry["figure"] or data.get("figure")
         entry["runs"] += data["runs"]
         entry["unpruned"] = entry["unpruned"] or data.get("unpruned")
     return merged
@@ -110,7 +113,7 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(_ROOT, "docs", "figures"))
     args = parser.parse_args(argv)
     for title, entry in load(args.results).items():
-        path = os.path.join(args.out, f"{slug(title)}.png")
+        path = os.path.join(args.out, f"{entry['figure'] or slug(title)}.png")
         draw(title, entry, path)
         print(path)
 

@@ -70,3 +70,27 @@ def test_distill_trains_the_student_and_leaves_the_teacher_bitwise_unchanged():
         np.testing.assert_array_equal(value, before[key], err_msg=key)  # moving statistics too: inference mode
     assert any(not np.array_equal(v, student_before[k]) for k, v in student.get_params().items())
     assert [v.ref() for v in trainer.variables] == [v.ref() for v in student.trainable_variables]
+
+
+def test_distillation_with_xla_equals_distillation_without():
+    # XLA compiles the per-replica loss and gradient, the teacher's forward pass included.
+    def train(xla):
+        strategy = make_strategy(num_replicas=1)
+        with strategy.scope():
+            teacher = nets.build("ResNet-8", input_size=16, num_classes=4, masked=False)
+            student = nets.build("LeNet-5", input_size=16, num_classes=4, channels=3, masked=False)
+        randomise(teacher, seed=1)
+        randomise(student, seed=2)
+        trainer = Trainer(strategy, Distill(student, teacher, weight=1.0, temperature=2.0),
+                          SGD(0.05, momentum=0.9, weight_decay=1e-3), global_batch_size=8, xla=xla)
+        x = input_for(teacher, batch=16)
+        ds = tf.data.Dataset.from_tensor_slices((x, np.arange(16) % 4)).batch(8)
+        logs = [trainer.train_step(b) for b in strategy.experimental_distribute_dataset(ds)]
+        return [(float(log["ce"]), float(log["kd"])) for log in logs], student.get_params()
+
+    want_terms, want = train(xla=False)
+    got_terms, got = train(xla=True)
+    np.testing.assert_allclose(got_terms, want_terms, rtol=1e-4)
+    for key, value in want.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-4, atol=1e-6, err_msg=key)
+    assert want_terms[0][1] > 0  # the teacher's term is there to compare

@@ -11,8 +11,8 @@ from tests.support.nets import assert_close_to_scale, family_representatives, in
 FAMILIES = family_representatives()
 # Groups that get a compactor: every prunable group written by conv + BN and not filtered by a
 # depthwise conv (MobileNetV2's expanded groups and its stem are); none without BatchNorm.
-EXPECTED = {"ResNet-8": 6, "ResNet-20": 12, "ResNet-56": 30, "ResNet-50": 37, "MobileNetV2": 8, "VGG-16": 13, "LeNet-5": 0,
-            "MLP": 0}
+EXPECTED = {"ResNet-8": 6, "ResNet-20": 12, "ResNet-56": 30, "ResNet-50": 37, "MobileNetV2": 8, "VGG-16": 13,
+            "LeNet-5": 0, "MLP": 0}
 
 
 def compactor_net(arch, seed=0):
