@@ -11,6 +11,8 @@ process, on the 5,085-image real training subset, accuracy on the 1,017 real tes
   plain cross-entropy (`--method l1`);
 * `l1_kd`: the same pruned net fine-tuned with Hinton KD from the unpruned ResNet-56
   (`--method l1,kd`: the chain leaves the fine-tuning to the distillation);
+* `l1_kd_pf`: `l1_kd` in PocketFlow's convention (`--kd_convention pocketflow --kd_weight 4`, T 4:
+  Hinton's weight 0.25 with T 4), a lighter distillation term for so short a fine-tuning;
 * `ekg`: EKG to the same target with its memory-bank KD over the same epochs (`--method ekg`).
 
 All fine-tunings use the CIFAR fine-tuning recipe (lr 0.01, x0.2 at 30/60/80%, weight decay
@@ -32,7 +34,7 @@ import sys
 import time
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("scratch_ce", "scratch_kd", "l1_ce", "l1_kd", "ekg")
+METHODS = ("scratch_ce", "scratch_kd", "l1_ce", "l1_kd", "l1_kd_pf", "ekg")
 PRUNED = ("CIFAR-10, the EKG authors' ResNet-56 (93.51% on the 1,017 real test images), fine-tuned on the real "
           "5,085-image training subset; pruned nets at 45% of the FLOPs (EKG convention)")
 SCRATCH = ("CIFAR-10 ResNet-20 trained from scratch on the real 5,085-image subset, with and without KD from the "
@@ -72,6 +74,8 @@ def one_run(method: str, seed: int, args) -> dict:
             "l1_ce": ["--method", "l1", *finetune],
             "l1_kd": ["--method", "l1,kd", *finetune, "--kd_temperature", str(args.temperature),
                       "--kd_weight", str(args.weight)],
+            "l1_kd_pf": ["--method", "l1,kd", *finetune, "--kd_convention", "pocketflow", "--kd_temperature", "4",
+                         "--kd_weight", "4"],
             "ekg": ["--method", "ekg", *finetune]}[method]
     proc = run_child(["train_cifar.py", *argv, *common], log)
     with open(os.path.join(run, "results.json")) as f:
@@ -102,7 +106,8 @@ def summary(entries: list) -> str:
 
 
 LABELS = {"scratch_ce": "ResNet-20 from scratch, CE", "scratch_kd": "ResNet-20 from scratch, Hinton KD",
-          "l1_ce": "L1, {e} CE epochs (kd_cifar.py)", "l1_kd": "L1, {e} Hinton-KD epochs (l1,kd)", "ekg": "EKG, {e} KD epochs"}
+          "l1_ce": "L1, {e} CE epochs (kd_cifar.py)", "l1_kd": "L1, {e} Hinton-KD epochs (l1,kd)",
+          "l1_kd_pf": "L1, {e} KD epochs, PocketFlow convention", "ekg": "EKG, {e} KD epochs"}
 
 
 def write_rows(entries: list, args) -> str:
