@@ -25,6 +25,7 @@ from codebase.config import Config, load_config
 from codebase.context import OUTPUT, RunContext, StepContext
 from codebase.methods import get_method
 from codebase.stages import RESULTS
+from op_utils.strategy import resolve_xla
 from utils.atomic import atomic_write_json
 from utils.errors import ConfigError
 from utils.logs import get_logger, setup_logging
@@ -87,7 +88,9 @@ def run(cfg: Config) -> dict:
     run_cfg = cfg.run
     os.makedirs(run_cfg.train_path, exist_ok=True)
     setup_logging(os.path.join(run_cfg.train_path, "log.txt"))
-    set_seed(run_cfg.seed)
+    # Seeded always; op-deterministic unless XLA compiles the step: XLA has no deterministic
+    # max-pool gradient and, under op determinism, refuses to compile one (LeNet-5, VGG-16).
+    set_seed(run_cfg.seed, deterministic=not resolve_xla(run_cfg.compile))
     ctx = RunContext(cfg)
     log.info("devices: %s", "; ".join(ctx.devices))
     steps = plan(cfg, ctx)

@@ -7,9 +7,13 @@ shared by the tests that read its folder; a test that writes into a run works on
 
 import gzip
 import json
+import os
+import pathlib
 import pickle
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -29,6 +33,7 @@ TINY = ["--train_epoch", "1", "--steps_per_epoch", "2", "--batch_size", "8", "--
 # LeNet-5 on MNIST, the cheapest net to trace: 2 epochs of 3 steps with a mid-epoch checkpoint
 # every 2 steps, so a crash can land between checkpoints; 2 replicas, accumulation and
 # recomputation so that resuming is checked on the engine's full path.
+ROOT = str(pathlib.Path(__file__).resolve().parents[2])
 LENET = ["--arch", "LeNet-5", "--dataset", "mnist", "--train_epoch", "2", "--steps_per_epoch", "3",
          "--ckpt_every_steps", "2", "--batch_size", "8", "--val_batch_size", "8", "--learning_rate", "0.01",
          "--optimizer", "adam", "--schedule", "cosine", "--do_log", "1", "--num_replicas", "2", "--accum", "2",
@@ -380,3 +385,17 @@ def test_train_imagenet_ekg_streams_subsets_and_memory_bank(imagenet_ekg_run):
     bank = np.fromfile(step / "knowledge.f16", np.float16).reshape(meta["shape"])
     assert np.isfinite(bank).all() and np.abs(bank).max() > 0
     assert not (step / "knowledge.npy").exists()
+
+
+def test_xla_training_of_a_net_that_max_pools(mnist, tmp_path):
+    # `--compile on` (the default on a GPU) for LeNet-5 and every ImageNet ResNet: XLA has no
+    # deterministic max-pool gradient, so an XLA run must not turn op determinism on. A fresh
+    # process, as a user runs it: determinism cannot be turned off in this one once a test set it.
+    run = tmp_path / "run"
+    argv = [*lenet_args(mnist, run), "--compile", "on", "--num_replicas", "1", "--accum", "1", "--train_epoch", "1"]
+    proc = subprocess.run([sys.executable, "train_cifar.py", *argv],
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((run / "results.json").read_text())
+    assert results["count"] == 8 and 0 <= results["top1"] <= 1
