@@ -89,7 +89,8 @@ def run(cfg: Config) -> dict:
     os.makedirs(run_cfg.train_path, exist_ok=True)
     setup_logging(os.path.join(run_cfg.train_path, "log.txt"))
     # Seeded always; op-deterministic unless XLA compiles the step: XLA has no deterministic
-    # max-pool gradient and, under op determinism, refuses to compile one (LeNet-5, VGG-16).
+    # max-pool gradient and, under op determinism, refuses to compile one (LeNet-5, VGG-16, the
+    # ImageNet ResNets).
     set_seed(run_cfg.seed, deterministic=not resolve_xla(run_cfg.compile))
     ctx = RunContext(cfg)
     log.info("devices: %s", "; ".join(ctx.devices))

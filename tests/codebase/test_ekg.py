@@ -19,9 +19,8 @@ from codebase.methods.ekg.method import EKG, memory_bank_loss, search_subsets
 from codebase.methods.ekg.search import GreedySearch, SearchState, keep_count, set_masks, trimmed_otsu
 from codebase.pipeline import plan
 from op_utils.losses import select_teachers
-from nets.base import Net
 from tests.support.data import write_cifar10
-from tests.support.nets import randomise
+from tests.support.nets import TwoConvBN, randomise
 from utils.errors import ConfigError
 
 
@@ -254,31 +253,11 @@ def test_memory_bank_loss_by_hand():
     np.testing.assert_allclose(streamed, per_example, rtol=1e-3)
 
 
-class TwoConv(Net):
-    """conv - BN - ReLU - conv - BN - ReLU - mean - dense, tapped like the registered nets: its
-    forward traces in a fraction of ResNet-20's time."""
-
-    def __init__(self, arch="TwoConv", widths=None, masked=True):
-        super().__init__(arch, {}, widths, masked)
-        image, a, b = self.group("input", 3, prunable=False), self.group("a", 8), self.group("b", 6)
-        self.conv1 = self.conv("conv1", image, a, 3, (8, 8))
-        self.bn1 = self.bn("bn1", a, (8, 8))
-        self.conv2 = self.conv("conv2", a, b, 3, (8, 8))
-        self.bn2 = self.bn("bn2", b, (8, 8))
-        self.head = self.fc("fc", b, self.group("logits", 4, prunable=False))
-        self._check_widths_used()
-
-    def forward(self, x, training, tap=None):
-        x = self.site(tap, "bn1:act", tf.nn.relu(self.bn1(self.conv1(x), training)), self.bn1.group)
-        x = self.site(tap, "bn2:act", tf.nn.relu(self.bn2(self.conv2(x), training)), self.bn2.group)
-        return self.head(tf.reduce_mean(x, [1, 2]))
-
-
 def test_memory_bank_fills_a_float16_file_like_the_in_memory_bank(tmp_path):
     # Each bank traces its own forward pass: on a small net, as the bank does not depend on it.
     rng = np.random.default_rng(3)
     images = rng.normal(size=(10, 8, 8, 3)).astype(np.float32)
-    net = TwoConv()
+    net = TwoConvBN()
     randomise(net, seed=1)
     net.options.set(renorm=True)  # the search's convention for a net with BatchNorm
     groups = net.prunable_groups()

@@ -5,26 +5,12 @@ import pytest
 import tensorflow as tf
 
 from codebase.stages import recalibrate_bn
-from nets.base import Net
-from tests.support.nets import randomise
+from tests.support.nets import TwoConvBN, randomise
 
 
-class TwoBN(Net):
+def two_bn():
     """1x1 conv - BN - ReLU - 1x1 conv - BN - ReLU - mean - dense: statistics computable by hand."""
-
-    def __init__(self, arch="TwoBN", widths=None, masked=False):
-        super().__init__(arch, {}, widths, masked)
-        image, a, b = self.group("input", 3, prunable=False), self.group("a", 4), self.group("b", 5)
-        self.conv1 = self.conv("conv1", image, a, 1, (4, 4))
-        self.bn1 = self.bn("bn1", a, (4, 4))
-        self.conv2 = self.conv("conv2", a, b, 1, (4, 4))
-        self.bn2 = self.bn("bn2", b, (4, 4))
-        self.head = self.fc("fc", b, self.group("logits", 2, prunable=False))
-        self._check_widths_used()
-
-    def forward(self, x, training, tap=None):
-        x = tf.nn.relu(self.bn2(self.conv2(tf.nn.relu(self.bn1(self.conv1(x), training))), training))
-        return self.head(tf.reduce_mean(x, [1, 2]))
+    return TwoConvBN(masked=False, kernel=1, channels=(4, 5), input_size=4, num_classes=2)
 
 
 def batch_statistics(params, x, eps=1e-5):
@@ -38,7 +24,7 @@ def batch_statistics(params, x, eps=1e-5):
 
 @pytest.mark.parametrize("max_batches, used", [(20, 4), (2, 2)])
 def test_recalibrate_bn_sets_the_mean_of_the_batch_statistics_and_leaves_the_momentum(max_batches, used):
-    net = TwoBN()
+    net = two_bn()
     randomise(net)  # moving statistics far from the batch statistics
     params = net.get_params()
     rng = np.random.default_rng(1)
@@ -59,7 +45,7 @@ def test_recalibrate_bn_sets_the_mean_of_the_batch_statistics_and_leaves_the_mom
 
 
 def test_recalibrate_bn_restores_the_update_rule_when_a_batch_fails():
-    net = TwoBN()
+    net = two_bn()
     net.bn2.momentum = 0.99
 
     def batches():
@@ -75,7 +61,7 @@ def test_recalibrate_bn_restores_the_update_rule_when_a_batch_fails():
 def test_recalibrate_bn_traces_once_for_every_batch_size_and_equals_the_eager_cumulative_mean():
     # One compiled function for every batch, the short last one included; the same values as the
     # eager version it replaced (momentum i / (i + 1) at batch i).
-    net, eager = TwoBN(), TwoBN()
+    net, eager = two_bn(), two_bn()
     randomise(net)
     eager.set_params(net.get_params())
     rng = np.random.default_rng(3)

@@ -4,6 +4,7 @@ import numpy as np
 import tensorflow as tf
 
 import nets
+from nets.base import Net
 from nets.registry import lookup
 from op_utils.optim import SGD
 from op_utils.strategy import make_strategy
@@ -137,3 +138,27 @@ def train_steps(net_fn, steps=2, batch=8, replicas=1, accum=1, xla=False, seed=1
 def trainable_keys(net):
     """The param keys of the variables an optimizer updates."""
     return [key for key, var in net.param_vars().items() if var.trainable]
+
+
+class TwoConvBN(Net):
+    """conv - BN - ReLU - conv - BN - ReLU - mean - dense, with a gate site (`bn1:act`, `bn2:act`)
+    after each BN like the registered nets: the smallest net with two prunable groups, for tests that
+    trace it often or compute its statistics by hand (1x1 kernels)."""
+
+    def __init__(self, arch="TwoConvBN", widths=None, masked=True, kernel=3, channels=(8, 6), input_size=8,
+                 num_classes=4):
+        config = dict(kernel=kernel, channels=list(channels), input_size=input_size, num_classes=num_classes)
+        super().__init__(arch, config, widths, masked)
+        hw = (input_size, input_size)
+        image, a, b = self.group("input", 3, prunable=False), self.group("a", channels[0]), self.group("b", channels[1])
+        self.conv1 = self.conv("conv1", image, a, kernel, hw)
+        self.bn1 = self.bn("bn1", a, hw)
+        self.conv2 = self.conv("conv2", a, b, kernel, hw)
+        self.bn2 = self.bn("bn2", b, hw)
+        self.head = self.fc("fc", b, self.group("logits", num_classes, prunable=False))
+        self._check_widths_used()
+
+    def forward(self, x, training, tap=None):
+        x = self.site(tap, "bn1:act", tf.nn.relu(self.bn1(self.conv1(x), training)), self.bn1.group)
+        x = self.site(tap, "bn2:act", tf.nn.relu(self.bn2(self.conv2(x), training)), self.bn2.group)
+        return self.head(tf.reduce_mean(x, [1, 2]))
