@@ -421,3 +421,18 @@ def test_memory_bank_stage_teaches_with_the_interim_sub_networks_and_the_unprune
     assert len(teachers) == len(expected) and np.load(step.path(ekg_method.BANK)).shape == (40, 10, len(expected))
     for (rates, orders), i in zip(teachers, expected):
         assert rates == history[i][0] and all(np.array_equal(orders[k], history[i][1][k]) for k in groups)
+
+
+def test_memory_banks_built_again_and_again_never_warn_of_retracing(caplog):
+    # Each teacher is a new net traced once; TensorFlow must not count them as one function retracing
+    # (a run's log, and the method smoke run's check, would show the warning).
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(10, 8, 8, 3)).astype(np.float32)
+    dataset = tf.data.Dataset.from_tensor_slices((images, np.zeros(10, np.int32), np.arange(10))).batch(5)
+    for seed in range(4):
+        net = TwoConvBN()
+        randomise(net, seed=seed)
+        groups = net.prunable_groups()
+        full = ({k: 1.0 for k in groups}, {k: np.arange(g.size) for k, g in groups.items()})
+        build_memory_bank(net, [full, ({k: 0.5 for k in groups}, full[1])], dataset, 10)
+    assert not [r for r in caplog.records if "retracing" in r.getMessage()]
