@@ -29,34 +29,16 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT as _ROOT, host, run_child
+
 METHODS = ("scratch_ce", "scratch_kd", "l1_ce", "l1_kd", "l1_kd_pf", "ekg")
 PRUNED = ("CIFAR-10, the EKG authors' ResNet-56 (93.51% on the 1,017 real test images), fine-tuned on the real "
           "5,085-image training subset; pruned nets at 45% of the FLOPs (EKG convention)")
 SCRATCH = ("CIFAR-10 ResNet-20 trained from scratch on the real 5,085-image subset, with and without KD from the "
            "EKG authors' ResNet-56 (93.51%); FLOPs as a fraction of ResNet-56's")
 RESNET56_FLOPS = 126_837_376  # EKG convention, the unpruned teacher (nets.build("ResNet-56").cost())
-
-
-def host() -> str:
-    with open("/proc/cpuinfo") as f:
-        text = f.read()
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    return f"{model}, {'AVX-512' if 'avx512f' in text else 'AVX2'}, {os.cpu_count()} CPUs"
-
-
-def run_child(argv: list, log_path: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-    tic = time.perf_counter()
-    with open(log_path, "a") as log:
-        code = subprocess.call([sys.executable, *argv], cwd=_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if code != 0:
-        raise SystemExit(f"error: {' '.join(argv[:3])} ... exited with {code}; see {log_path}")
-    return {"wall": time.perf_counter() - tic}
 
 
 def one_run(method: str, seed: int, args) -> dict:

@@ -12,6 +12,15 @@
 `load_net` rebuilds from them; a pickle without a spec (the EKG reference's) is rebuilt from
 its kernel shapes. A step of a run reads its input this way and writes its output this way,
 so a chain of methods passes nets from step to step through files that `test.py` also reads.
+
+`load_net` also imports another framework's weights, a `.npz` of plain arrays (read with
+`allow_pickle=False`), for an architecture whose net class can convert them: a classmethod
+`import_arrays(arch, arrays, data_stats, config) -> (params, config changes)`
+(`nets.resnet_a.ResNetA`: PyTorch's option-A ResNets). Foreign weights may expect another input
+normalisation than the data loader's, so the caller passes the loader's statistics,
+`data_stats=(mean, std)` of 0..255 pixels (`DatasetInfo.mean`, `.std`), and the net class
+turns them into config (an input affine map). Only foreign imports read them. Saving the
+imported net writes that config into its spec, so every later step rebuilds it exactly.
 """
 
 from __future__ import annotations
@@ -78,27 +87,69 @@ def read_spec(path: str) -> dict | None:
     return spec
 
 
-def _read_state(path: str) -> dict:
+def _read_npz(path: str, what: str) -> dict:
     try:
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
     except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise ParamsError(f"{path}: not a readable transform state file ({err})") from None
+        raise ParamsError(f"{path}: not a readable {what} ({err})") from None
 
 
-def load_net(arch: str | None, path: str, masked: bool = False, **config):
-    """Rebuild a (possibly slimmed or transformed) net from a params pickle and its spec.
+def is_foreign(path: str) -> bool:
+    """Whether `path` holds another framework's weights (a `.npz`) rather than a params pickle."""
+    return os.fspath(path).lower().endswith(".npz")
+
+
+def _importer(cls):
+    """The net class's `import_arrays`, or None: the protocol of foreign weights (module docstring)."""
+    return getattr(cls, "import_arrays", None)
+
+
+def import_net(arch: str | None, path: str, data_stats=None, masked: bool = False, **config):
+    """A net of `arch` holding the foreign weights of the `.npz` at `path` (see the module docstring).
+
+    Raises:
+        ConfigError / ParamsError: no architecture, one that cannot import weights, no data
+            statistics where the net needs them, arrays of another net; one line naming `path`.
+    """
+    if arch is None:
+        raise ConfigError(f"{path} holds foreign weights and no architecture; give --arch")
+    name, cls, defaults = nets.lookup(arch)
+    importer = _importer(cls)
+    if importer is None:
+        able = [a for a in nets.list_archs() if _importer(nets.lookup(a)[1]) is not None]
+        raise ConfigError(f"{path}: {name} cannot import foreign weights (.npz); archs that can: "
+                          f"{', '.join(able) or 'none'}")
+    if not os.path.isfile(path):
+        raise ParamsError(f"params file {path} does not exist")
+    arrays = _read_npz(path, "weights file (.npz)")
+    try:
+        params, changes = importer(name, arrays, data_stats, {**defaults, **config})
+        net = nets.build(name, masked=masked, **{**config, **changes})
+        net.set_params(params)
+    except (ConfigError, ParamsError) as err:
+        raise type(err)(f"{path}: {err}") from None
+    return net
+
+
+def load_net(arch: str | None, path: str, masked: bool = False, data_stats=None, **config):
+    """Rebuild a (possibly slimmed or transformed) net from a params pickle and its spec, or
+    import foreign weights from a `.npz` (`import_net`).
 
     Args:
         arch: the expected architecture (None: take it from the spec, which must exist).
-        path: the params pickle.
+        path: the params pickle, or a `.npz` of foreign weights.
         masked: build the net with masks (for pruning it further).
+        data_stats: `(mean, std)` of the 0..255 pixels with which the data loader normalises
+            the net's input; read only when importing foreign weights.
         config: net config overrides (`num_classes`, `input_size`).
 
     Raises:
         ParamsError / ConfigError: a missing, corrupt or unsafe file, or params of another
             architecture, each named in one line.
     """
+    if is_foreign(path):
+        return import_net(arch, path, data_stats, masked=masked, **config)
     params = load_params(path)
     spec = read_spec(path)
     if spec is None:
@@ -112,11 +163,11 @@ def load_net(arch: str | None, path: str, masked: bool = False, **config):
     except (KeyError, ValueError, TypeError) as err:
         raise ParamsError(f"{spec_path(path)}: cannot rebuild the net ({err})") from None
     net.set_params(params)
-    if spec.get("transforms"):
+    if spec.get("transforms") and net.transform_state():  # some transforms hold no state
         if not os.path.isfile(state_path(path)):
             raise ParamsError(f"{path}: its spec lists transforms but {state_path(path)} is missing")
         try:
-            net.load_transform_state(_read_state(state_path(path)), what=state_path(path))
+            net.load_transform_state(_read_npz(state_path(path), "transform state file"), what=state_path(path))
         except ValueError as err:
             raise ParamsError(str(err)) from None
     return net

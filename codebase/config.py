@@ -27,6 +27,10 @@ from codebase.options import Options, build, fraction, option, positive, run_con
 from utils.errors import ConfigError
 
 
+# The formats of `codebase.export` (kept here, where flags are checked before TensorFlow is imported).
+EXPORT_FORMATS = ("saved_model", "tflite_fp32", "tflite_fp16", "tflite_dynamic_int8", "tflite_int8")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig(Options):
     """The network, the data, the output folder and the engine: shared by every step."""
@@ -40,7 +44,9 @@ class RunConfig(Options):
                                                       "results.json, the final trained_params.pkl",
                              run_control=True)  # a run folder may be moved before it is resumed
     trained_param: Optional[str] = option(None, "params pickle to start from ({'scope/var:0': ndarray}, EKG format; "
-                                                "a .arch.json spec beside it gives a slimmed net's widths)")
+                                                "a .arch.json spec beside it gives a slimmed net's widths), or a "
+                                                ".npz of PyTorch weights for an --arch that imports them "
+                                                "(ResNet-20A/32A/44A/56A)")
     method: str = option("none", "compression method, or a chain of them run in order, e.g. ekg, l1,kd "
                                  "(none = plain training); each step in its own subfolder")
     val_batch_size: int = option(250, "evaluation batch size")
@@ -61,6 +67,13 @@ class RunConfig(Options):
     resume: bool = option(False, "continue the run in --train_path from its last checkpoint", run_control=True)
     stop_after: Optional[str] = option(None, "stop after this stage (e.g. search, or 1-ekg/search); --resume "
                                              "continues the run later", run_control=True)
+    cifar_padding: str = option("reflect", "CIFAR training crops: border filled by reflection (the EKG reference's) "
+                                           "or black (torchvision's and TF's official pipelines; keeps the BN "
+                                           "statistics of weights trained that way, e.g. the option-A ResNets)",
+                                choices=("reflect", "black"))
+    export: tuple[str, ...] = option((), "after the last step, export its net in these formats ("
+                                         + ", ".join(EXPORT_FORMATS) + ") into <last step>/export, each file's "
+                                         "top-1 on the test set beside the TF net's (as export.py --eval)")
 
     def validate(self, **context) -> None:
         super().validate(**context)
@@ -70,6 +83,11 @@ class RunConfig(Options):
         if self.trained_param is not None and not os.path.isfile(self.trained_param):
             raise ConfigError(f"--trained_param {self.trained_param} does not exist")
         dataset_options(self.dataset, self.image_size)
+        if self.cifar_padding != "reflect" and not str(self.dataset).lower().startswith("cifar"):
+            raise ConfigError(f"--cifar_padding applies to CIFAR datasets only, not {self.dataset}")
+        unknown = sorted(set(self.export) - set(EXPORT_FORMATS))
+        if unknown:
+            raise ConfigError(f"--export {unknown[0]!r} is not a format; known: {', '.join(EXPORT_FORMATS)}")
 
     def methods(self) -> list:
         return [m.strip() for m in self.method.split(",")]
@@ -224,7 +242,8 @@ def make_config(values: dict, flags: dict, where: str = "config", script: dict |
     steps = []
     pretrained = run.trained_param is not None
     first = methods[chain[0]]
-    if first.needs_trained and not pretrained:
+    first_options = build(first.Options, _step_values(first, values, entries[0], flags), where)
+    if first.needs_trained and not first.from_scratch(first_options) and not pretrained:
         steps.append(baseline_step(run, flags, values))
         pretrained = True
     for index, (name, entry) in enumerate(zip(chain, entries), start=1):
@@ -232,15 +251,23 @@ def make_config(values: dict, flags: dict, where: str = "config", script: dict |
         unknown = sorted(set(entry) - {"method"} - optim_names - _fields(cls.Options))
         if unknown:
             raise ConfigError(f"{where}: step {index} ({name}) has no field {unknown[0]!r}")
-        optim = {**presets.recipe(run.dataset, cls.recipe_for(pretrained)), **cls.optim_defaults(run.dataset)}
+        options = build(cls.Options, _step_values(cls, values, entry, flags), where)
+        fresh = cls.from_scratch(options)
+        optim = {**presets.recipe(run.dataset, cls.recipe_for(pretrained and not fresh)),
+                 **cls.optim_defaults(run.dataset)}
         for source in (values, entry, flags):
             optim.update({k: v for k, v in source.items() if k in optim_names})
-        opts = {}
-        for source in (values, entry, flags):
-            opts.update({k: v for k, v in source.items() if k in _fields(cls.Options)})
-        steps.append(Step(f"{index}-{name}", name, build(cls.Options, opts, where), build(OptimConfig, optim, where)))
+        steps.append(Step(f"{index}-{name}", name, options, build(OptimConfig, optim, where)))
         pretrained = pretrained or cls.produces_trained
     return validate(Config(run, tuple(steps)))
+
+
+def _step_values(cls, values: dict, entry: dict, flags: dict) -> dict:
+    """The option values of a step of method `cls`: config file, then its steps entry, then flags."""
+    opts = {}
+    for source in (values, entry, flags):
+        opts.update({k: v for k, v in source.items() if k in _fields(cls.Options)})
+    return opts
 
 
 def baseline_step(run: RunConfig, flags: dict, values: dict) -> Step:

@@ -45,7 +45,10 @@ class RunContext:
         run = cfg.run
         self.strategy = make_strategy(run.gpu_id, run.num_replicas)
         self.xla = resolve_xla(run.compile)
-        self.data = build_dataset(run.dataset, run.data_path, **dataset_options(run.dataset, run.image_size))
+        options = dataset_options(run.dataset, run.image_size)
+        if run.cifar_padding != "reflect":
+            options["padding"] = run.cifar_padding
+        self.data = build_dataset(run.dataset, run.data_path, **options)
         self.info = self.data.info
         self.devices = describe_devices(self.strategy)
         os.makedirs(run.train_path, exist_ok=True)
@@ -65,13 +68,15 @@ class RunContext:
 
         It must be an `arch` (default `--arch`); with `any_arch`, a spec beside the pickle decides
         (a teacher of another architecture), and `arch` or `--arch` only rebuilds a pickle without one.
+        A `.npz` of foreign weights is imported with the data's mean and std (`artifacts.import_net`).
         """
         if any_arch and arch is None and read_spec(path) is not None:
             expected = None
         else:
             expected = arch or self.cfg.run.arch
         with contextlib.nullcontext() if local else self.strategy.scope():
-            return load_net(expected, path, masked=masked, **self.net_config())
+            return load_net(expected, path, masked=masked, data_stats=(self.info.mean, self.info.std),
+                            **self.net_config())
 
     def copy_net(self, net, masked: bool = False, local: bool = False):
         """A new net of the same architecture, widths and transforms holding `net`'s params.

@@ -11,16 +11,22 @@ from codebase.config import dataset_options
 from utils.errors import ConfigError
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description="Evaluate a saved net (params pickle, with its spec if it has one).")
+def add_net_and_data_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that name a saved net's architecture and its data (test.py, export.py)."""
     p.add_argument("--arch", default=None, help="architecture (default: from the .arch.json beside the pickle, "
                                                 "else ResNet-56)")
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--data_path", default=None)
     p.add_argument("--image_size", type=int, default=None,
                    help="ImageNet input height and width, as the run was trained (default: 224)")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Evaluate a saved net (params pickle, with its spec if it has one).")
+    add_net_and_data_flags(p)
     p.add_argument("--trained_param", required=True, help="params pickle ({'scope/var:0': ndarray}); any step's "
-                                                          "<train_path>/<step>/trained_params.pkl")
+                                                          "<train_path>/<step>/trained_params.pkl; or a .npz of "
+                                                          "foreign weights for an --arch that imports them")
     p.add_argument("--val_batch_size", type=int, default=250)
     p.add_argument("--batch_size", type=int, default=1, help="batch size of the latency measurement")
     p.add_argument("--latency_runs", type=int, default=20)
@@ -72,7 +78,8 @@ def evaluate(args) -> dict:
     info = data.info
     arch = args.arch or (None if read_spec(args.trained_param) else "ResNet-56")
     with strategy.scope():
-        net = load_net(arch, args.trained_param, num_classes=info.num_classes, input_size=info.image_shape[0])
+        net = load_net(arch, args.trained_param, num_classes=info.num_classes, input_size=info.image_shape[0],
+                       data_stats=(info.mean, info.std))
         if args.pad_to > 1:
             from nets import pad_channels
 

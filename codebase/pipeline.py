@@ -20,10 +20,11 @@ import json
 import os
 import time
 
+from codebase import stages
 from codebase.artifacts import copy_net_files
 from codebase.config import Config, load_config
 from codebase.context import OUTPUT, RunContext, StepContext
-from codebase.methods import get_method
+from codebase.methods import Stage, get_method
 from codebase.stages import RESULTS
 from op_utils.strategy import resolve_xla
 from utils.atomic import atomic_write_json
@@ -75,11 +76,24 @@ def plan(cfg: Config, ctx: RunContext) -> list:
         following = cfg.steps[index + 1] if index + 1 < len(cfg.steps) else None
         next_trains = following is not None and get_method(following.method).trains
         context = StepContext(ctx, step, index, source, origin, next_trains)
-        out.append((context, cls(context)))
+        method = cls(context)
+        if following is None and cfg.run.export:
+            method = _Exporting(method, cfg.run.export)
+        out.append((context, method))
         source = context.output
         if step.name == "0-baseline":
             origin = source
     return out
+
+
+class _Exporting:
+    """The last step's method with an `export` stage after its own (`--export`)."""
+
+    def __init__(self, method, formats):
+        self.method, self.formats = method, tuple(formats)
+
+    def stages(self):
+        return [*self.method.stages(), Stage("export", lambda: stages.export(self.method.step, self.formats))]
 
 
 def run(cfg: Config) -> dict:

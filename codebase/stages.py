@@ -10,6 +10,8 @@
   training images (never test images), evaluate it and save it with `prune_results.json`.
 * `recalibrate_bn(net, batches)`: BN moving statistics set to the mean of the batch statistics,
   in one compiled function.
+* `export(step, formats)`: the step's output exported (`codebase.export`) into `<step>/export`,
+  each file's top-1 on the test set beside the TF net's, in `<step>/export/export.json`.
 """
 
 from __future__ import annotations
@@ -128,3 +130,26 @@ def test(step) -> dict:
     log.info("%s test: top1 %.4f top5 %.4f loss %.4f | %s", step.step.name, results["top1"], results["top5"],
              results["loss"], cost.describe())
     return results
+
+
+def export(step, formats) -> dict:
+    """Export the step's output in `formats` into `<step>/export` (see `export.py`); the int8 file's
+    representative images are 200 training images, never test images."""
+    from codebase import export as exporting
+    from codebase import tflite
+    from codebase.export_cli import REPORT, compare, representative_arrays
+
+    ctx = step.ctx
+    net = ctx.load_net(step.output)
+    representative = None
+    if "tflite_int8" in formats:
+        representative = tflite.representative_images(representative_arrays(ctx.data, min(200, ctx.info.num_train)))
+    folder = step.path("export")
+    report = exporting.export_net(net, folder, formats, representative, sparse="auto")
+    compare(report, net, ctx.data, step.run.val_batch_size, num_threads=None)
+    atomic_write_json(os.path.join(folder, REPORT), report)
+    for fmt, entry in report["formats"].items():
+        log.info("export %s: %s, %d bytes (gzip %d), top1 %.4f (TF net %.4f, argmax agreement %.4f)", fmt,
+                 entry["path"], entry["bytes"], entry["gzip_bytes"], entry["eval"]["top1"], entry["eval"]["tf_top1"],
+                 entry["eval"]["argmax_agreement"])
+    return report

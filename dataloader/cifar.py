@@ -11,7 +11,7 @@ from dataloader import cifar_format, seeds
 from dataloader.base import DatasetInfo
 from dataloader.in_memory import InMemoryDataset
 from dataloader.keras_source import load_keras_dataset
-from utils.errors import DataError
+from utils.errors import ConfigError, DataError
 
 # These are the usual CIFAR constants in reversed (BGR) order, applied here to R, G, B.
 # Kept on purpose: the reference pretrained weights were trained with exactly these,
@@ -24,6 +24,7 @@ CIFAR100_STD = (70.0, 65.0, 68.0)
 IMAGE_SHAPE = (32, 32, 3)
 # Reflect padding before the random crop, in pixels per side.
 PAD = 4
+PADDINGS = ("reflect", "black")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,11 +93,11 @@ CIFAR100 = CifarSpec(
 class Cifar(InMemoryDataset):
     """CIFAR-10 or CIFAR-100 from the official python files, or from Keras' download.
 
-    Training augmentation, per image: normalise, random horizontal flip, reflect-pad
-    by 4, random 32x32 crop (the reference pipeline pads the normalised image).
+    Training augmentation, per image: normalise, random horizontal flip, pad by 4 (reflected,
+    as the reference pipeline pads the normalised image, or black), random 32x32 crop.
     """
 
-    def __init__(self, spec: CifarSpec, data_path: str | os.PathLike | None = None):
+    def __init__(self, spec: CifarSpec, data_path: str | os.PathLike | None = None, padding: str = "reflect"):
         """Locates the data; the arrays are read on first use.
 
         Args:
@@ -105,10 +106,21 @@ class Cifar(InMemoryDataset):
                 ``.tar.gz``, or a folder holding that. ``None`` downloads through
                 ``tf.keras.datasets`` (needs the network).
 
+            padding: How the 4-pixel border of a training crop is filled: ``reflect`` (the EKG
+                reference's) or ``black`` (zero pixels, as torchvision's and TensorFlow's
+                official CIFAR pipelines pad; weights trained that way keep their BatchNorm
+                statistics when fine-tuned with it).
+
         Raises:
             DataError: If ``data_path`` holds none of the accepted layouts.
+            ConfigError: If ``padding`` is neither.
         """
         super().__init__(spec.mean, spec.std)
+        if padding not in PADDINGS:
+            raise ConfigError(f"--cifar_padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
+        self.padding = padding
+        # A black pixel after normalisation: what zero padding of the raw image puts there.
+        self._black = tf.constant(-np.asarray(spec.mean, np.float32) / np.asarray(spec.std, np.float32))
         self.spec = spec
         self._files = None
         if data_path is not None:
@@ -144,7 +156,10 @@ class Cifar(InMemoryDataset):
     def _augment(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
         flip_seed, crop_seed = seeds.split_seed(seed, 2)
         image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-        image = tf.pad(image, [[PAD, PAD], [PAD, PAD], [0, 0]], mode="REFLECT")
+        if self.padding == "reflect":
+            image = tf.pad(image, [[PAD, PAD], [PAD, PAD], [0, 0]], mode="REFLECT")
+        else:
+            image = tf.pad(image - self._black, [[PAD, PAD], [PAD, PAD], [0, 0]]) + self._black
         return tf.image.stateless_random_crop(image, IMAGE_SHAPE, crop_seed)
 
 

@@ -19,6 +19,7 @@ shrinks groups (a slimmed net), `masked=False` builds an ordinary net without ma
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -63,6 +64,9 @@ class Net(tf.Module):
         self._recompute = False
         self._transforms: list = []  # attached transforms, in order
         self._targets: list = []  # the targets of each, as given to `attach`
+        # Bookkeeping outside tf.Module's tracking (the transforms are tracked in _transforms):
+        # site name -> [Transform, ...], and {name: Site} of the group and block sites.
+        self._site_book = types.SimpleNamespace(transforms={}, names=None)
 
     # === Declaring the structure (used by subclasses in __init__) ===
     def group(self, key: str, size: int, prunable: bool = True) -> ChannelGroup:
@@ -127,7 +131,7 @@ class Net(tf.Module):
         With `set_recompute(True)`, a training call runs segment by segment under
         `op_utils.recompute`: same values and gradients, activation memory of one segment.
         """
-        with self.state.tapping(tap):
+        with self.state.tapping(tap), self.state.mode(training):
             segments = self.segments() if training and self._recompute else []
             if len(segments) < 2:  # one segment: recomputing it all would keep all of it anyway
                 return self.forward(x, training, tap)
@@ -140,12 +144,15 @@ class Net(tf.Module):
         set it before the training step is traced."""
         self._recompute = bool(on)
 
-    def site(self, tap, name: str, x, group: ChannelGroup, block: bool = False):
+    def site(self, tap, name: str, x, group: ChannelGroup, block: bool = False, linear: bool = False):
         """Emit site `name` on `x`: a block output (`block=True`) or a point where `group`'s
-        activations are final (kind `group`); returns what the tap returns."""
+        activations are final (kind `group`); `linear` marks one that does not follow a ReLU.
+        Transforms attached to the site apply first; returns what the tap returns."""
+        for transform in self._site_book.transforms.get(name, ()):
+            x = transform(x)
         if tap is None:
             return x
-        return tap(Site(name, "block" if block else "group", group), x)
+        return tap(Site(name, "block" if block else "group", group, linear=linear), x)
 
     def sites(self, training: bool = False) -> list:
         """Every activation site of one forward pass, in order (one eager call on a zero input)."""
@@ -221,11 +228,15 @@ class Net(tf.Module):
         if not targets:
             raise ValueError(f"{self.arch}: {transform.kind} attached to no target")
         for target in targets:
+            if target in self.final_sites():
+                self._site_book.transforms.setdefault(target, []).append(transform)
+                transform.attached(None, target)
+                continue
             layer, where = self._target(target)
             if where == ":out":
                 layer.out_transforms.append(transform)
             else:
-                layer.transforms.setdefault(where, []).append(transform)
+                layer.transforms[where] = [*layer.transforms.get(where, ()), transform]  # through the tracking wrapper
             transform.attached(layer, target)
         self._transforms.append(transform)
         self._targets.append(tuple(targets))
@@ -238,8 +249,15 @@ class Net(tf.Module):
             key, _, where = target.rpartition("/")
         layer = self.layers.get(key)
         if layer is None or (where != ":out" and where not in layer.named):
-            raise ConfigError(f"{self.arch}: no layer output or parameter {target!r} to attach a transform to")
+            raise ConfigError(f"{self.arch}: no layer output, parameter or activation site {target!r} to attach a "
+                              "transform to")
         return layer, where
+
+    def final_sites(self) -> dict:
+        """`{name: Site}` of the `group` and `block` sites (found once, by one eager call)."""
+        if self._site_book.names is None:
+            self._site_book.names = {s.name: s for s in self.sites() if s.final}
+        return self._site_book.names
 
     def attachments(self) -> list:
         """`[(transform, targets)]` in the order they were attached."""

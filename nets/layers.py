@@ -43,11 +43,22 @@ class ForwardState:
         replaying: True while `op_utils.recompute` runs a link of the net a second time to
             rebuild its activations for the backward pass; BatchNorm then skips its
             moving-statistics update, which the first run already made.
+        training: the `training` argument of the current `Net.__call__` (for transforms that
+            behave differently in training, such as activation quantizers).
     """
 
     def __init__(self):
         self.tap = None
         self.replaying = False
+        self.training = False
+
+    @contextlib.contextmanager
+    def mode(self, training: bool):
+        previous, self.training = self.training, bool(training)
+        try:
+            yield
+        finally:
+            self.training = previous
 
     @contextlib.contextmanager
     def tapping(self, tap):

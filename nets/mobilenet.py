@@ -118,7 +118,7 @@ class MobileNetV2(Net):
             y = self.site(tap, block["dw_bn"].key + ":act", y, block["dw"].group)
             y = conv_bn(block["project"], block["project_bn"], y, training)
             x = x + y if block["residual"] else y  # linear bottleneck: no ReLU after the add
-            x = self.site(tap, f"block{k}", x, block["project"].out_group, block=True)
+            x = self.site(tap, f"block{k}", x, block["project"].out_group, block=True, linear=True)
         x = tf.nn.relu6(conv_bn(self.head, self.head_bn, x, training))
         x = self.site(tap, "head", x, self.head.out_group, block=True)
         x = tf.reduce_mean(x, [1, 2])

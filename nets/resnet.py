@@ -121,18 +121,23 @@ class ResNet(Net):
         return self.fc_layer(tf.reduce_mean(x, [1, 2]))
 
     def segments(self):
-        def keys(*layers):
-            return frozenset(g.key for layer in layers for g in layer.groups())
-
-        segments = [Segment(self._stem, keys(self.stem))]
-        for name, block in zip(self.block_names, self.blocks):
-            segments.append(Segment(functools.partial(self._block, name, block), keys(*block.values())))
-        return segments + [Segment(self._head, keys(self.fc_layer))]
+        return residual_segments(self, lambda i: functools.partial(self._block, self.block_names[i], self.blocks[i]))
 
     def forward(self, x, training, tap=None):
         for segment in self.segments():
             x = segment.fn(x, training, tap)
         return x
+
+
+def residual_segments(net, block_fn) -> list:
+    """The segments of a ResNet-like net: its `_stem`, each block (`block_fn(i)` runs block i of
+    `net.blocks`, a dict of its layers), its `_head`; each with the groups its layers touch."""
+    def keys(*layers):
+        return frozenset(g.key for layer in layers for g in layer.groups())
+
+    segments = [Segment(net._stem, keys(net.stem))]
+    segments += [Segment(block_fn(i), keys(*block.values())) for i, block in enumerate(net.blocks)]
+    return segments + [Segment(net._head, keys(net.fc_layer))]
 
 for _depth in (8, 20, 32, 56, 110):
     register(f"ResNet-{_depth}", ResNet, blocks=[(_depth - 2) // 6] * 3)

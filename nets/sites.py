@@ -21,7 +21,10 @@ Kinds of site:
   BatchNorm layer, named `<layer key>:in` / `<layer key>:out`; `site.group` is the layer's
   input or output group and `site.layer` the layer (channel pruning reads a conv's X and Y).
 
-`Site.final` marks the `group` and `block` sites: the places where EKG gates a group.
+`Site.final` marks the `group` and `block` sites: the places where EKG gates a group. Every one
+follows a ReLU (or ReLU6, or a max-pool of one) except those marked `linear` (MobileNetV2's block
+outputs). Transforms can be attached to `group` and `block` sites by name (`Net.attach`), like
+activation quantizers, which then run on every call, tap or not.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class Site:
     kind: str
     group: object = None  # ChannelGroup of the channels at this site, if one describes them
     layer: object = None  # the layer, for layer_in / layer_out sites
+    linear: bool = False  # a group/block site not after a ReLU (MobileNetV2's linear bottlenecks)
 
     def __post_init__(self):
         if self.kind not in KINDS:

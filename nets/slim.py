@@ -18,6 +18,11 @@ from nets import axes as ax
 from nets.complexity import width_fn_from
 
 
+def _check_resizable(net, how: str) -> None:
+    for transform, _ in net.attachments():
+        transform.check_resize(how)
+
+
 def _carry_transforms(source, target, resize) -> None:
     """Attach `source`'s saved transforms to `target` (same layer keys), state resized by
     `resize(array, axes)`."""
@@ -37,6 +42,7 @@ def slim(net, masked: bool = False):
         net: a built `Net` (masked or not).
         masked: build the result with fresh (all-ones) masks so it can be pruned again.
     """
+    _check_resizable(net, "slimmed")
     # Rebuilding from the class (not the registry) also slims a user's unregistered Net.
     small = type(net)(arch=net.arch, widths=net.widths(), masked=masked, **net.config)
     for key, layer in net.layers.items():
@@ -61,6 +67,7 @@ def pad_channels(net, multiple: int = 8):
         raise ValueError(f"{net.arch}: fold the ResRep compactors (nets.compactor.fold) before padding")
     if multiple < 1:
         raise ValueError(f"pad_channels: multiple must be >= 1, got {multiple}")
+    _check_resizable(net, "padded")
     source = slim(net) if net.masked else net
     widths = {k: min(-(-w // multiple) * multiple, net.full_sizes[k]) for k, w in source.widths().items()}
     padded = type(net)(arch=net.arch, widths=widths, masked=False, **net.config)

@@ -4,8 +4,9 @@ Channel masks, ResRep's compactors and, next, magnitude masks and fake quantizer
 what a layer computes without changing the parameters it stores. They share one mechanism:
 
 * A `Transform` is a `tf.Module` created once, before anything is traced, and attached by
-  `Net.attach(transform, targets)` to parameters (`"BasicBlock0.0/conv1/kernel"`) or to layer
-  outputs (`"BasicBlock0.0/bn1:out"`). One transform may serve several targets (a residual
+  `Net.attach(transform, targets)` to parameters (`"BasicBlock0.0/conv1/kernel"`), to layer
+  outputs (`"BasicBlock0.0/bn1:out"`) or to activation sites of the net (`"BasicBlock0.0/bn1:act"`,
+  `"BasicBlock1.2"`: see `nets.sites`). One transform may serve several targets (a residual
   stream's compactor follows every BatchNorm of the stream).
 * `Layer.param(name)` returns the stored variable with its transforms applied in order, and
   a layer's output passes through its output transforms. A transform is a pure op of its input
@@ -81,8 +82,13 @@ class Transform(tf.Module):
         return cls(**config)
 
     def attached(self, layer, target: str) -> None:
-        """Called by `Net.attach` for each target, before anything is traced (may create state)."""
+        """Called by `Net.attach` for each target, before anything is traced (may create state).
+        `layer` is None for an activation-site target."""
         del layer, target
+
+    def check_resize(self, how: str) -> None:
+        """Raise ConfigError if a net with this transform cannot be `how` ("slimmed" or "padded")."""
+        del how
 
     def state_arrays(self) -> dict:
         return {name: np.asarray(var.numpy()) for name, var in self.state().items()}

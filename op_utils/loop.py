@@ -260,6 +260,8 @@ class Controller:
                 global_step = int(trainer.global_step.numpy())
                 self._check_finite(float(out["loss"]), float(out["grad_norm"]), global_step, epoch)
                 trainer.step_in_epoch.assign(step_in_epoch + 1)
+                if trainer.task.after_step(global_step):
+                    trainer.optimizer.reset()
                 hooked = self.on_step_end(global_step) if self.on_step_end is not None else None
                 extras = {key: float(value) for key, value in out.items()
                           if key not in ("loss", "top1")}

@@ -90,6 +90,7 @@ class Optimizer(tf.Module):
         # Values are ints and floats, so checkpoint tracking ignores these.
         self._index = {}
         self._hypers: list[dict[str, float]] = []
+        self._masks: list = []  # per variable: its update mask or None
         self._build_overrides = None
 
     @property
@@ -111,11 +112,15 @@ class Optimizer(tf.Module):
     def built(self) -> bool:
         return self.iterations is not None
 
-    def build(self, variables: Sequence[tf.Variable], overrides: Overrides | None = None) -> None:
+    def build(self, variables: Sequence[tf.Variable], overrides: Overrides | None = None,
+              masks: Callable[[tf.Variable], tf.Variable | None] | None = None) -> None:
         """Creates the step counter and the slots of ``variables``.
 
         Must be called once, inside the scope of the strategy that owns the variables.
         ``overrides`` is asked after the constructor's (see the module docstring).
+        ``masks(variable)`` may return a 0/1 variable of the variable's shape: its update
+        (gradient and weight decay) is multiplied by it, so entries at 0 never change
+        (weight sparsification's pruned weights).
 
         Raises:
             ConfigError: If already built, or if a variable is listed twice.
@@ -134,6 +139,11 @@ class Optimizer(tf.Module):
             if var.ref() in self._index:
                 raise ConfigError(f"variable {var.name} is listed twice")
             self._index[var.ref()] = position
+            mask = masks(var) if masks is not None else None
+            if mask is not None and tuple(mask.shape) != tuple(var.shape):
+                raise ConfigError(f"the update mask of {var.name} has shape {tuple(mask.shape)}, expected "
+                                  f"{tuple(var.shape)}")
+            self._masks.append(mask)
             hyper = self._hyper_of(var)
             self._hypers.append(hyper)
             base = var.name.split(":")[0]
@@ -205,17 +215,33 @@ class Optimizer(tf.Module):
             position = self._index[var.ref()]
             # group=False: the per-device results are not needed; automatic control
             # dependencies in tf.function order these writes before the counter update.
+            mask = self._masks[position]
             strategy.extended.update(
-                var, self._update_with_decay, args=(grad, *self.slots[position]),
-                kwargs={"lr": lr, "step": step, "hyper": self._hypers[position]}, group=False,
+                var, self._update_with_decay,
+                args=(grad, *self.slots[position], *(() if mask is None else (mask,))),
+                kwargs={"lr": lr, "step": step, "hyper": self._hypers[position], "masked": mask is not None},
+                group=False,
             )
         self.iterations.assign_add(1)
 
-    def _update_with_decay(self, var, grad, *slots, lr, step, hyper):
+    def _update_with_decay(self, var, grad, *slots, lr, step, hyper, masked):
         grad = tf.convert_to_tensor(grad)
         if hyper["weight_decay"]:
             grad = grad + hyper["weight_decay"] * var.read_value()
+        if masked:
+            *slots, mask = slots
+            grad = grad * mask
         return self._update(var, grad, slots, lr, step, hyper)
+
+    def reset(self) -> None:
+        """Zero every slot (momentum, Adam's moments), keeping the step counter and schedule.
+
+        Weight sparsification calls it after each mask update, as PocketFlow reset its
+        optimizer: momentum gathered before the update would otherwise move pruned weights.
+        """
+        for slots in self.slots:
+            for slot in slots:
+                slot.assign(tf.zeros_like(slot))
 
     def _update(self, var, grad, slots, lr, step, hyper):
         raise NotImplementedError

@@ -14,6 +14,9 @@ trained (orbit's task/trainer split):
 * `checkpoint_items()`: the trackables saved with the optimizer and step counters.
 * `transform_grads` / `optimizer_overrides`: how the summed gradients are changed before the
   update and which variables get their own hyperparameters (ResRep's compactors).
+* `update_mask` / `after_step`: entries of a variable whose update is always zero (gradient and
+  weight decay: pruned weights), and a host-side hook after every step that may change them and
+  ask for the optimizer's slots to be reset (weight sparsification's mask updates).
 
 `Classify` is the plain task: one classifier trained with softmax cross-entropy, or with any
 `loss_fn(model, batch, training) -> (per_example, logits, extras)`.
@@ -96,6 +99,19 @@ class Task(tf.Module):
         """Hyperparameters of ``var`` that differ from the optimizer's (see `op_utils.optim`)."""
         del var
         return None
+
+    def update_mask(self, var: tf.Variable) -> tf.Variable | None:
+        """A 0/1 variable of ``var``'s shape multiplying its every update, or None (asked once)."""
+        del var
+        return None
+
+    def after_step(self, step: int) -> bool:
+        """Host-side hook after optimizer step ``step`` (1-based), before any checkpoint of it.
+
+        It may assign variables (masks); return True to have the optimizer's slots reset.
+        """
+        del step
+        return False
 
 
 class Classify(Task):

@@ -119,7 +119,7 @@ class Trainer:
         total = dict(dtype=tf.float64, trainable=False,
                      aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         with strategy.scope():
-            optimizer.build(self.variables, overrides=task.optimizer_overrides)
+            optimizer.build(self.variables, overrides=task.optimizer_overrides, masks=task.update_mask)
             self.global_step = tf.Variable(0, name="global_step", **counter)
             # The data position, for exact resumption: the epoch being trained and how
             # many of its steps are done. The loop keeps them current.

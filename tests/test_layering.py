@@ -17,7 +17,7 @@ ALLOWED = {
     "nets": {"utils", "op_utils", "nets"},
     "codebase": {"utils", "op_utils", "nets", "dataloader", "codebase"},
 }
-PROJECT = set(ALLOWED) | {"tests", "train_cifar", "train_imagenet", "test", "benchmarks"}
+PROJECT = set(ALLOWED) | {"tests", "train_cifar", "train_imagenet", "test", "export", "benchmarks"}
 # Packages held to a list of third-party imports as well (any other: the standard library only).
 THIRD_PARTY = {
     "dataloader": {"numpy", "tensorflow"},  # data must load wherever TensorFlow runs, with nothing else
@@ -50,6 +50,6 @@ def test_third_party_imports_are_listed(package):
 
 
 def test_scripts_import_only_codebase():
-    for script in ("train_cifar.py", "train_imagenet.py", "test.py"):
+    for script in ("train_cifar.py", "train_imagenet.py", "test.py", "export.py"):
         names = {n for n in imported_packages(ROOT / script) if n in PROJECT}
         assert names <= {"codebase"}, f"{script} imports {names}"

@@ -107,6 +107,12 @@ def save_params(path: PathLike, params: Mapping[str, Any]) -> None:
     Raises:
         ParamsError: If a key is not a str or a value is not a numeric array.
     """
+    # Serialise first, so a failure cannot leave a half-written file behind.
+    atomic_write_bytes(path, params_bytes(params))
+
+
+def params_bytes(params: Mapping[str, Any]) -> bytes:
+    """The bytes `save_params` writes for `params` (same checks)."""
     arrays: Dict[str, np.ndarray] = {}
     for key, value in params.items():
         if _is_dunder(key):
@@ -117,9 +123,7 @@ def save_params(path: PathLike, params: Mapping[str, Any]) -> None:
         if array.dtype.hasobject:
             raise ParamsError(f"cannot save params: {key} is not a numeric array")
         arrays[key] = array
-    # Serialise first, so a failure cannot leave a half-written file behind.
-    data = pickle.dumps(arrays, protocol=_PROTOCOL)
-    atomic_write_bytes(path, data)
+    return pickle.dumps(arrays, protocol=_PROTOCOL)
 
 
 ShapeLike = Union[Sequence[Optional[int]], Any]

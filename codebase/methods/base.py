@@ -56,6 +56,13 @@ class Method(abc.ABC):
 
     # === Declarations read while the config is built ===
     @classmethod
+    def from_scratch(cls, options) -> bool:
+        """True if, with these options, the step ignores its input and trains a fresh net (then it
+        needs no trained net and takes the scratch recipe)."""
+        del options
+        return False
+
+    @classmethod
     def recipe_for(cls, pretrained: bool) -> str:
         """The dataset recipe of this step's optimisation, given whether its input is trained."""
         return "finetune" if pretrained else "scratch"

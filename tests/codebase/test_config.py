@@ -130,3 +130,12 @@ def test_run_control_options_are_not_compared_on_resume():
     b = make_config({}, {"method": "ekg", "train_path": "/tmp/b", "resume": True, "recompute": True})
     assert a.comparable() == b.comparable()
     assert isinstance(a, Config) and isinstance(a.run, RunConfig)
+
+
+def test_the_export_formats_a_run_accepts_are_the_exporters():
+    from codebase import export
+    from codebase.config import EXPORT_FORMATS
+
+    assert tuple(EXPORT_FORMATS) == tuple(export.FORMATS)
+    with pytest.raises(ConfigError, match="--export 'onnx' is not a format"):
+        parse_config(["--export", "onnx"], SCRIPT)

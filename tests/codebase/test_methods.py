@@ -34,6 +34,11 @@ SMOKE = {
                           "--search_val_per_class", "2", "--num_teacher", "2"]),
     "resrep": ("ResNet-8", ["--resrep_epoch", "1", "--resrep_interval", "1", "--resrep_before_mask", "0.3",
                              "--resrep_target", "0.9", "--search_batch_size", "16"]),
+    "ws": ("LeNet-5", ["--ws_sparsity", "0.5", "--ws_update_every", "1", "--ws_protocol", "heurist"]),
+    "uq": ("ResNet-8", ["--uq_weight_bits", "4", "--uq_activation_bits", "8", "--uq_buckets", "channel",
+                        "--export", "tflite_fp32", "saved_model"]),
+    "nuq": ("ResNet-8", ["--nuq_weight_bits", "2", "--nuq_activation_bits", "4", "--nuq_buckets", "split",
+                         "--nuq_bucket_size", "64", "--nuq_opt", "both"]),
 }
 
 
@@ -76,7 +81,8 @@ def test_every_method_runs_end_to_end(method_run, data, capsys):
     stages = json.loads((run / "stages.json").read_text())
     steps = list(results["steps"])
     assert steps == [s for s in dict.fromkeys(name.split("/")[0] for name in stages)]
-    assert steps[-1] == f"{len(steps) - (steps[0] == '0-baseline')}-{method}" and stages[-1].endswith("/test")
+    assert steps[-1] == f"{len(steps) - (steps[0] == '0-baseline')}-{method}" and stages[-1].endswith(
+        "/export" if "--export" in SMOKE[method][1] else "/test")
     for name in steps:  # every step wrote its net and its results
         assert (run / name / "trained_params.pkl").exists() and (run / name / "results.json").exists()
     assert results == json.loads((run / "results.json").read_text()) and results["count"] == 8
@@ -188,3 +194,16 @@ def test_a_chain_resumed_in_the_middle_of_its_second_step_ends_where_an_uninterr
     assert_same_params(run / "trained_params.pkl", whole / "trained_params.pkl")
     assert results["top1"] == whole_results["top1"] and results["loss"] == pytest.approx(whole_results["loss"])
     assert whole_steps == [1, 2, 1, 2, 3, 4]  # baseline, then distillation; L1 trains nothing
+
+
+def test_a_quantized_net_evaluates_as_its_exported_files_compute(method_run):
+    method, run, results = method_run
+    if method != "uq":
+        pytest.skip("the uq run exports its net (--export)")
+    report = json.loads((run / "1-uq" / "export" / "export.json").read_text())
+    assert set(report["formats"]) == {"tflite_fp32", "saved_model"}
+    for fmt, entry in report["formats"].items():
+        assert entry["eval"]["top1"] == results["top1"] == entry["eval"]["tf_top1"], fmt
+        assert entry["eval"]["argmax_agreement"] == 1.0 and entry["eval"]["max_abs_logit_diff"] < 1e-4, fmt
+    packed = json.loads((run / "1-uq" / "results.json").read_text())
+    assert packed["packed_bytes"] < packed["float_bytes"] / 3

@@ -223,3 +223,19 @@ def test_plain_file_that_is_not_an_archive(tmp_path):
     path.write_text("hello")
     with pytest.raises(DataError, match="notes.txt"):
         Cifar(CIFAR10, path)
+
+
+def test_black_padding_fills_the_crop_border_with_normalised_black_pixels(tmp_path):
+    from dataloader import CIFAR10, Cifar
+    from tests.support.data import write_cifar10
+    from utils.errors import ConfigError
+
+    root = write_cifar10(tmp_path / "c", per_batch=4, num_test=4).path
+    data = Cifar(CIFAR10, root, padding="black")
+    image = np.full([32, 32, 3], 5.0, np.float32)
+    black = -np.asarray(CIFAR10.mean, np.float32) / np.asarray(CIFAR10.std, np.float32)
+    crops = [data._augment(tf.constant(image), tf.constant([seed, 1], tf.int64)).numpy() for seed in range(8)]
+    values = np.unique(np.concatenate([c.reshape(-1, 3) for c in crops]), axis=0)
+    assert {tuple(v) for v in values} <= {(5.0, 5.0, 5.0), tuple(black)} and len(values) == 2
+    with pytest.raises(ConfigError, match="--cifar_padding must be one of reflect, black"):
+        Cifar(CIFAR10, root, padding="zeros")

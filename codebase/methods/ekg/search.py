@@ -179,7 +179,7 @@ class GreedySearch:
 
     # === Compiled pieces ===
     def _tap(self, site, x):
-        if not site.final:
+        if not site.final or site.group.key not in self.probes:  # a fixed stream (option-A ResNets) has no gate
             return x
         group = site.group
         probe = self.probes[group.key]
@@ -190,7 +190,7 @@ class GreedySearch:
         counts = dict.fromkeys(self.keys, 0)
 
         def counting(site, x):
-            if site.final:
+            if site.final and site.group.key in counts:
                 counts[site.group.key] += 1
             return x
 
