@@ -35,10 +35,10 @@ SMOKE = {
     "resrep": ("ResNet-8", ["--resrep_epoch", "1", "--resrep_interval", "1", "--resrep_before_mask", "0.3",
                              "--resrep_target", "0.9", "--search_batch_size", "16"]),
     "ws": ("LeNet-5", ["--ws_sparsity", "0.5", "--ws_update_every", "1", "--ws_protocol", "heurist"]),
-    "uq": ("ResNet-8", ["--uq_weight_bits", "4", "--uq_activation_bits", "8", "--uq_buckets", "channel",
-                        "--export", "tflite_fp32", "saved_model"]),
-    "nuq": ("ResNet-8", ["--nuq_weight_bits", "2", "--nuq_activation_bits", "4", "--nuq_buckets", "split",
-                         "--nuq_bucket_size", "64", "--nuq_opt", "both"]),
+    "uq": ("LeNet-5", ["--uq_weight_bits", "4", "--uq_activation_bits", "8", "--uq_buckets", "channel",
+                       "--export", "tflite_fp32", "saved_model"]),
+    "nuq": ("LeNet-5", ["--nuq_weight_bits", "2", "--nuq_activation_bits", "4", "--nuq_buckets", "split",
+                        "--nuq_bucket_size", "64", "--nuq_opt", "both"]),
 }
 
 
