@@ -1,8 +1,8 @@
 """The quantization and sparsity benchmark as a figure: top-1 against stored size, and against sparsity.
 
 Left: every QAT row of `quant_cifar.py` (ResNet-20A), top-1 against the size of its packed params
-file (mean +- sd over seeds), with the float pickle and PocketFlow's top-1 for the same row as a
-marker at the float size (PocketFlow stored no smaller file). Right: top-1 against weight
+file (mean +- sd over seeds), PocketFlow's top-1 for the same row as a cross at the same size
+(its own files stored floats), and the float pickle. Right: top-1 against weight
 sparsity for the toolkit's `ws` and TF-MOT's `prune_low_magnitude` (`tfmot_sparsity.py`) on the
 same nets, budget and recipe.
 
@@ -50,18 +50,18 @@ def main(argv=None):
             continue
         mean, sd = _mean_sd(100 * r["top1"] for r in runs)
         size = runs[0]["packed_bytes"] / 1024
-        left.errorbar([size], [mean], yerr=[sd], fmt="o", capsize=3)
+        line = left.errorbar([size], [mean], yerr=[sd], fmt="o", capsize=3)
         left.annotate(row, (size, mean), textcoords="offset points", xytext=(5, 3), fontsize=7)
+        if row in ours.get("pocketflow", {}):  # PocketFlow's top-1 for the row, at the size it would pack to
+            left.plot([size], [ours["pocketflow"][row]], marker="x", color=line[0].get_color(), alpha=0.6)
     fp = [r for r in ours["runs"] if r["row"] == "fp_ft"]
     if fp:
         float_kb = next((r["float_bytes"] for r in ours["runs"] if r.get("float_bytes")), 0) / 1024
         left.errorbar([float_kb], [_mean_sd(100 * r["top1"] for r in fp)[0]], fmt="s", color="black")
         left.annotate("fp_ft (float pickle)", (float_kb, 100 * fp[0]["top1"]), textcoords="offset points",
                       xytext=(-60, 6), fontsize=7)
-        for row, value in ours.get("pocketflow", {}).items():
-            left.plot([float_kb], [value], marker="_", color="grey", markersize=14)
     left.set_xscale("log")
-    left.set_xlabel("stored size (KB, log): packed params file (grey dashes: PocketFlow's rows, float storage)")
+    left.set_xlabel("packed params file (KB, log); x: PocketFlow's top-1 for the row")
     left.set_ylabel("top-1 on the 1,017 real test images (%)")
     left.set_title("ResNet-20A QAT rows (uq, nuq)", fontsize=10)
     left.grid(alpha=0.3)

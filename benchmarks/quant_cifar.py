@@ -152,7 +152,10 @@ def main(argv=None):
     parser.add_argument("--ekg_slimmed", default=None, help="an EKG-slimmed ResNet-56 params pickle to export too")
     parser.add_argument("--unpruned", default=None, help="the unpruned ResNet-56 params pickle (with --ekg_slimmed)")
     parser.add_argument("--out", default="runs/quant_bench")
+    parser.add_argument("--table_only", action="store_true", help="print the table of the runs done, run nothing")
     args = parser.parse_args(argv)
+    if args.table_only:
+        args.seeds, args.ekg_slimmed = [], None
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.json")
     saved = json.load(open(path)) if os.path.exists(path) else {"runs": [], "host": host(), "exports": {}}

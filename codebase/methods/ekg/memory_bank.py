@@ -12,7 +12,6 @@ costs what its widths cost, with no mask or gather op.
 from __future__ import annotations
 
 import numpy as np
-import tensorflow as tf
 
 from codebase.methods.ekg.search import set_masks
 from nets import slim
