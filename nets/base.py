@@ -228,7 +228,7 @@ class Net(tf.Module):
         if not targets:
             raise ValueError(f"{self.arch}: {transform.kind} attached to no target")
         for target in targets:
-            if target in self.final_sites():
+            if not self._names_layer(target) and target in self.final_sites():
                 self._site_book.transforms.setdefault(target, []).append(transform)
                 transform.attached(None, target)
                 continue
@@ -241,6 +241,11 @@ class Net(tf.Module):
         self._transforms.append(transform)
         self._targets.append(tuple(targets))
         return transform
+
+    def _names_layer(self, target: str) -> bool:
+        """Whether `target` names a layer output or parameter (no forward pass needed to tell)."""
+        key = target[:-4] if target.endswith(":out") else target.rpartition("/")[0]
+        return key in self.layers
 
     def _target(self, target: str):
         if target.endswith(":out"):
