@@ -90,7 +90,8 @@ def one_run(row: str, seed: int, args) -> dict:
     run = os.path.join(args.out, f"{row}_seed{seed}")
     log = run + ".stdout"
     arch, argv = train_argv(row, args)
-    wall = run_child(["train_cifar.py", *argv, "--dataset", "cifar10", "--data_path", args.data_path,
+    resume = ["--resume"] if os.path.exists(os.path.join(run, "config.json")) else []  # an interrupted run
+    wall = run_child(["train_cifar.py", *argv, *resume, "--dataset", "cifar10", "--data_path", args.data_path,
                       "--train_path", run, "--seed", str(seed), "--do_log", "10", "--val_batch_size", "256",
                       "--cifar_padding", args.qat_padding if row in QAT else args.ws_padding], log)["wall"]
     with open(os.path.join(run, "results.json")) as f:
