@@ -16,6 +16,10 @@ For every seed, each method is a run of the toolkit's own scripts, in its own pr
 * ``resrep_ft`` / ``l1_ft``: ResRep given EKG's wall-clock: the converted net of the ``resrep`` run
   (``slimmed_params.pkl``) fine-tuned by ``--method none`` for ``--long_finetune_epochs`` epochs; and
   the ``l1`` run's pruned net given the same fine-tuning.
+* ``cp`` / ``cpr``: ``--method cp`` / ``--method cpr`` (PocketFlow's LASSO channel pruning and its
+  remastered variant) to the same target, sampling ``--cp_batches`` batches of 128 training images per
+  group, then the same fine-tuning budget. ``cpr_converged``: ``cpr`` with ISTA run to convergence
+  (``--cpr_ista_lr 1 --cpr_ista_iters 300``; PocketFlow's 100 steps of 1e-2 barely leave the random start).
 * ``ekg_ce_ft``: the ``ekg`` run's slimmed net given that same long plain-CE fine-tuning, so that the
   sub-networks of EKG and L1 are compared at the long budget too.
 
@@ -55,7 +59,7 @@ FINETUNE = ["--learning_rate", "0.01", "--weight_decay", "5e-4", "--decay_points
 # a lasso strong enough (`--resrep_lambda`) for masked rows to decay within the short run.
 RESREP = ["--no-resrep_streams", "--resrep_before_mask", "0.5", "--resrep_interval", "2",
           "--resrep_granularity", "16"]
-METHODS = ("ekg", "ekg_ce", "l1", "random", "resrep", "resrep_ft", "l1_ft", "ekg_ce_ft")
+METHODS = ("ekg", "ekg_ce", "l1", "random", "resrep", "resrep_ft", "l1_ft", "ekg_ce_ft", "cp", "cpr", "cpr_converged")
 
 
 def run_child(argv: list, log_path: str) -> dict:
@@ -155,6 +159,10 @@ def one_run(method: str, seed: int, args, out: str) -> dict:
         stage = "train"
     else:
         extra = target
+        if method.startswith("cp"):  # the sampled images: --cp_batches batches of 128
+            extra = [*target, "--search_batch_size", "128", "--cp_batches", str(args.cp_batches)]
+        if method == "cpr_converged":  # ISTA run to convergence instead of PocketFlow's 100 steps of 1e-2
+            method, extra = "cpr", [*extra, "--cpr_ista_lr", "1", "--cpr_ista_iters", "300"]
         if method == "resrep":
             extra = [*RESREP, "--resrep_target", str(args.target), "--resrep_epoch", str(args.resrep_epochs),
                      "--resrep_lambda", str(args.resrep_lambda)]
@@ -232,6 +240,8 @@ def main(argv=None):
     parser.add_argument("--resrep_lambda", type=float, default=3e-3, help="ResRep: lasso strength")
     parser.add_argument("--long_finetune_epochs", type=int, default=20,
                         help="resrep_ft, l1_ft, ekg_ce_ft: fine-tuning epochs")
+    parser.add_argument("--cp_batches", type=int, default=4,
+                        help="cp / cpr: batches of 128 training images sampled per group (PocketFlow: 30)")
     parser.add_argument("--latency_runs", type=int, default=20)
     parser.add_argument("--out", default="runs/ekg_bench")
     args = parser.parse_args(argv)

@@ -43,20 +43,24 @@ class FlopsBudget:
         now, fewer = width_fn_from(widths), width_fn_from({**widths, key: widths[key] - 1})
         return sum(layer.cost(now).ekg_flops - layer.cost(fewer).ekg_flops for layer in self.touching[key])
 
-    def widths_at_rate(self, fractions: Mapping[str, float], target_rate: float) -> dict:
+    def widths_at_rate(self, fractions: Mapping[str, float], target_rate: float, only=None) -> dict:
         """Scale per-group keep fractions by one factor so FLOPs land at or just under the target.
 
         Rounding every group down leaves the FLOPs a few percent under the target (0.426 instead
         of 0.45 for a uniform ResNet-56), so channels are then added back one at a time, each to
         the group furthest below its share, while the FLOPs stay at or under the target: every
-        method gets the same budget.
+        method gets the same budget. With `only` (group keys), only those groups are scaled (and
+        need fractions); the others keep their full width (channel pruning leaves some groups).
+        The result names every prunable group.
         """
         full = self.full
+        scaled = [k for k in full if only is None or k in only]
+        fixed = {k: full[k] for k in full if k not in scaled}
 
         def widths(scale):
-            return {k: max(1, min(full[k], int(np.floor(fractions[k] * scale * full[k])))) for k in full}
+            return {**fixed, **{k: max(1, min(full[k], int(np.floor(fractions[k] * scale * full[k])))) for k in scaled}}
 
-        lo, hi = 0.0, 1.0 / min(fractions.values())
+        lo, hi = 0.0, 1.0 / min(fractions[k] for k in scaled)
         for _ in range(50):
             mid = (lo + hi) / 2
             if self.rate(widths(mid)) <= target_rate:
@@ -65,7 +69,7 @@ class FlopsBudget:
                 hi = mid
         chosen = widths(lo)
         while True:
-            open_ = sorted((k for k in full if chosen[k] < full[k]),
+            open_ = sorted((k for k in scaled if chosen[k] < full[k]),
                            key=lambda k: chosen[k] / (fractions[k] * full[k]))
             for k in open_:
                 trial = {**chosen, k: chosen[k] + 1}

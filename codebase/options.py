@@ -14,6 +14,7 @@ memory knobs that change no result): they are not compared when a run is resumed
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -135,3 +136,16 @@ def fraction(name: str, value, low_open=True, high_open=True) -> None:
     if not (isinstance(value, (int, float)) and low_ok and high_ok):
         interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
         raise ConfigError(f"--{name} must be in {interval}, got {value!r}")
+
+
+def json_object(path: str, flag: str, what: str) -> dict:
+    """The JSON object in the file `path` given by `--flag`; a ConfigError naming the flag if the file
+    is unreadable, not JSON, or not an object (`what` describes the expected one: "{group: ratio}")."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--{flag} {path}: not readable JSON ({type(err).__name__})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--{flag} {path}: expected an object {what}")
+    return value

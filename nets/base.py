@@ -139,6 +139,17 @@ class Net(tf.Module):
                 x = recompute(lambda y, fn=segment.fn: fn(y, True, tap), x, self.state.replay)
             return x
 
+    def forward_until(self, x, done: Callable[[], bool], training: bool = False, tap=None):
+        """The forward pass segment by segment, stopping after the first segment at whose end
+        `done()` is true (a tap has recorded what it needs): the rest of the net is neither traced
+        nor run. Returns that segment's output (the logits if it never stops)."""
+        with self.state.tapping(tap), self.state.mode(training):
+            for segment in self.segments():
+                x = segment.fn(x, training, tap)
+                if done():
+                    break
+        return x
+
     def set_recompute(self, on: bool) -> None:
         """Trade compute for memory in training calls (see `__call__`). A trace-time switch:
         set it before the training step is traced."""

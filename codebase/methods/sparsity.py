@@ -34,7 +34,7 @@ import numpy as np
 
 from codebase import stages
 from codebase.methods.base import Method, Stage, register
-from codebase.options import Options, fraction, option, positive
+from codebase.options import Options, fraction, json_object, option, positive
 from nets.layers import FC, Conv2d, DepthwiseConv2d
 from nets.sparsity import MagnitudeMask
 from op_utils.task import Classify
@@ -113,13 +113,7 @@ def layer_sparsities(net, protocol: str, final: float, ratio_file: str | None = 
             raise ConfigError(f"--ws_protocol heurist at --ws_sparsity {final} would prune all of {too_high[0]}")
         return ratios
     if protocol == "list":
-        try:
-            with open(ratio_file, encoding="utf-8") as f:
-                ratios = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
-            raise ConfigError(f"--ws_ratio_file {ratio_file}: not readable JSON ({type(err).__name__})") from None
-        if not isinstance(ratios, dict):
-            raise ConfigError(f"--ws_ratio_file {ratio_file}: expected an object {{layer key: sparsity}}")
+        ratios = json_object(ratio_file, "ws_ratio_file", "{layer key: sparsity}")
         missing, unknown = sorted(set(layers) - set(ratios)), sorted(set(ratios) - set(layers))
         if missing or unknown:
             raise ConfigError(f"--ws_ratio_file {ratio_file}: " + (f"no sparsity for layer {missing[0]!r}" if missing

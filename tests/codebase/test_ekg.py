@@ -45,8 +45,8 @@ def test_search_subsets_come_from_each_class():
     assert sorted(val) == [8, 9, 18, 19, 28, 29]
 
 
-def tiny_search(target=0.8, **kwargs):
-    net = nets.build("ResNet-20", input_size=8, num_classes=4)
+def tiny_search(target=0.8, blocks=None, **kwargs):
+    net = nets.build("ResNet-20", input_size=8, num_classes=4, **({} if blocks is None else dict(blocks=blocks)))
     randomise(net, seed=1)
     rng = np.random.default_rng(0)
     images = rng.normal(size=(24, 8, 8, 3)).astype(np.float32)
@@ -97,13 +97,27 @@ def stubbed_search(target=0.8, **kwargs):
     return search, StubScores(search)
 
 
+TRACED_BLOCKS = [1, 1]
+
+
 @pytest.fixture(scope="module")
 def traced():
     """One tiny search run for real, shared by the tests that need its compiled passes: tracing
     them is most of such a test's cost. Each test sets the masks it needs (`initial_state()`,
     `apply`); the search's BatchNorms never update their statistics, so nothing else carries over.
+
+    On a CIFAR ResNet of two stages of one block (`TRACED_BLOCKS`): a stem, an identity block on the
+    stem's stream, a stride-2 projection block opening a new stream, the head; four segments, with
+    groups used by several of them. The compiled passes are per segment: ResNet-20's 11 cost three
+    times as much to trace and run, and its other blocks repeat the same code paths.
     """
-    return tiny_search()
+    return tiny_search(blocks=TRACED_BLOCKS)
+
+
+@pytest.fixture(scope="module")
+def whole_stubbed_search():
+    """The uninterrupted stubbed search the resume tests compare with (deterministic, read only)."""
+    return stubbed_search()[0].run()
 
 
 def test_one_step_takes_the_lowest_objective_among_otsu_candidates(monkeypatch):
@@ -155,8 +169,8 @@ class Interrupted(Exception):
 
 
 @pytest.mark.parametrize("stop", [1, 4, "last"])
-def test_search_resumes_after_the_last_saved_step(stop):
-    whole = stubbed_search()[0].run()
+def test_search_resumes_after_the_last_saved_step(stop, whole_stubbed_search):
+    whole = whole_stubbed_search
     stop = whole.step if stop == "last" else stop
     saved = []
 
@@ -206,7 +220,7 @@ def test_candidates_evaluated_from_cached_segments_match_a_full_pass(traced):
     state = search.initial_state()
     search.apply(state.rates, state.orders)
     search._run_segments(0, keep_cache=True)
-    for key in search.keys[::3]:
+    for key in search.keys:  # each group's first use: from the input, or from a cached segment input
         rates = dict(state.rates)
         rates[key] = search.next_rate(state.rates, key)
         search.apply(rates, state.orders)
@@ -281,9 +295,10 @@ def test_memory_bank_fills_a_float16_file_like_the_in_memory_bank(tmp_path):
 
 @pytest.mark.parametrize("chunks", ["one segment each", "three segments each"])
 def test_checkpointed_scores_equal_one_tape_over_the_whole_net(chunks, traced):
-    # A small cache keeps every third segment input: the score pass back-propagates chunks of three.
-    search = traced if chunks == "one segment each" else tiny_search(cache_mb=0.2)
-    assert search.cached == (list(range(11)) if search is traced else [0, 3, 6, 9])
+    # A small cache keeps every third segment input: the score pass back-propagates a chunk of three
+    # segments (the stem and both blocks), then the last chunk (the head).
+    search = traced if chunks == "one segment each" else tiny_search(blocks=TRACED_BLOCKS, cache_mb=0.1)
+    assert search.cached == (list(range(4)) if search is traced else [0, 3])
     state = search.initial_state()
     rates = {k: (0.5 if i % 2 else 1.0) for i, k in enumerate(search.keys)}
     search.apply(rates, state.orders)
@@ -326,18 +341,20 @@ def test_score_drops_the_previous_cache_before_building_the_next(traced, monkeyp
 
 def ekg_stage_context(tmp_path, run, *flags):
     """The StepContext of `--method ekg` (and `flags`) on 40 fake CIFAR-10 images, its warm-up net
-    saved in the step's folder: what the search and memory-bank stages read."""
+    saved in the step's folder: what the search and memory-bank stages read. On ResNet-8, the
+    smallest registered CIFAR ResNet: the stages' logic (state files, steps, teachers) does not
+    depend on the depth, and ResNet-20's loads and FLOPs bookkeeping cost twice as much."""
     data = tmp_path / "data"
     if not data.exists():
         write_cifar10(data, per_batch=8, num_test=4)
     flags = dict(zip(flags[::2], flags[1::2]))
-    cfg = make_config({}, {"method": "ekg", "arch": "ResNet-20", "data_path": str(data / "cifar-10-batches-py"),
+    cfg = make_config({}, {"method": "ekg", "arch": "ResNet-8", "data_path": str(data / "cifar-10-batches-py"),
                            "train_path": str(run), "search_train_per_class": 2, "search_val_per_class": 2,
                            "search_batch_size": 16, "search_target_rate": 0.8,
                            **{k.lstrip("-"): int(v) for k, v in flags.items()}})
     [(step, _)] = [(s, m) for s, m in plan(cfg, RunContext(cfg)) if s.step.method == "ekg"]
     if not os.path.exists(step.path(ekg_method.WARM)):
-        warm = nets.build("ResNet-20")
+        warm = nets.build("ResNet-8")
         randomise(warm, seed=1)
         save_net(warm, step.path(ekg_method.WARM))
     return step
@@ -401,7 +418,7 @@ def test_memory_bank_stage_teaches_with_the_interim_sub_networks_and_the_unprune
         tmp_path, monkeypatch, ces, num_teacher, expected):
     run = tmp_path / "run"
     step = ekg_stage_context(tmp_path, run, "--num_teacher", str(num_teacher))
-    groups = nets.build("ResNet-20").prunable_groups()
+    groups = nets.build("ResNet-8").prunable_groups()
     rng = np.random.default_rng(0)
     history = [({k: 1.0 - 0.05 * i for k in groups}, {k: rng.permutation(g.size) for k, g in groups.items()}, ce)
                for i, ce in enumerate(ces)]

@@ -34,6 +34,11 @@ SMOKE = {
                           "--search_val_per_class", "2", "--num_teacher", "2"]),
     "resrep": ("ResNet-8", ["--resrep_epoch", "1", "--resrep_interval", "1", "--resrep_before_mask", "0.3",
                              "--resrep_target", "0.9", "--search_batch_size", "16"]),
+    "cp": ("ResNet-8", ["--search_target_rate", "0.7", "--search_batch_size", "16", "--cp_batches", "1",
+                         "--cp_points_per_image", "4"]),
+    "cpr": ("ResNet-8", ["--cp_protocol", "uniform", "--cp_preserve_ratio", "0.5", "--search_batch_size", "16",
+                          "--cp_batches", "1", "--cp_points_per_image", "4", "--cp_list_group", "3",
+                          "--cp_tune_steps", "1"]),
     "ws": ("LeNet-5", ["--ws_sparsity", "0.5", "--ws_update_every", "1", "--ws_protocol", "heurist"]),
     "uq": ("LeNet-5", ["--uq_weight_bits", "4", "--uq_activation_bits", "8", "--uq_buckets", "channel",
                        "--export", "tflite_fp32", "saved_model"]),
@@ -44,15 +49,17 @@ SMOKE = {
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """Each net's data flags; ResNet-8 runs start from a saved (untrained) net: no baseline to trace."""
+    """Each net's data flags, and `--trained_param` of a saved (untrained) net of each arch."""
     root = tmp_path_factory.mktemp("data")
-    resnet = root / "resnet8.pkl"
-    save_net(nets.build("ResNet-8", masked=False), str(resnet))
+    saved = {}
+    for arch in ("LeNet-5", "ResNet-8"):
+        saved[arch] = root / f"{arch}.pkl"
+        save_net(nets.build(arch, masked=False), str(saved[arch]))
     return {"LeNet-5": ["--dataset", "mnist", "--data_path", str(write_mnist(root / "mnist", num_train=24,
                                                                              num_test=8).path)],
             "ResNet-8": ["--dataset", "cifar10", "--data_path", str(write_cifar10(root / "cifar", per_batch=8,
-                                                                                   num_test=8).path),
-                          "--trained_param", str(resnet)]}
+                                                                                   num_test=8).path)],
+            "trained": {arch: ["--trained_param", str(path)] for arch, path in saved.items()}}
 
 
 def args_of(method, data, run, *extra):
@@ -62,14 +69,12 @@ def args_of(method, data, run, *extra):
 
 @pytest.fixture(scope="module", params=sorted(SMOKE))
 def method_run(request, data, tmp_path_factory):
+    """Every method but `none` starts from a saved net (`--trained_param`: no baseline to train first; a
+    distillation's teacher is that net); `none` trains from scratch. The chains below train a baseline."""
     method = request.param
     run = tmp_path_factory.mktemp(method) / "run"
-    teacher = []
-    if method == "kd":  # the first step of a run: its teacher is given
-        teacher_run = tmp_path_factory.mktemp("teacher") / "run"
-        train_cifar.main(args_of("none", data, teacher_run))
-        teacher = ["--teacher_param", str(teacher_run / "trained_params.pkl")]
-    return method, run, train_cifar.main(args_of(method, data, run, *teacher))
+    start = [] if method == "none" else data["trained"][SMOKE[method][0]]
+    return method, run, train_cifar.main(args_of(method, data, run, *start))
 
 
 def test_every_registered_method_has_a_smoke_run():
@@ -92,7 +97,7 @@ def test_every_method_runs_end_to_end(method_run, data, capsys):
     assert lines and not [line for line, n in collections.Counter(lines).items() if n > 1]
     assert not [line for line in lines if "retracing" in line]
     assert results["ekg_flops"] <= results["full_ekg_flops"]
-    if method in ("l1", "random", "ekg", "resrep"):
+    if method in ("l1", "random", "ekg", "resrep", "cp", "cpr"):
         assert results["ekg_flops"] < results["full_ekg_flops"] and results["before_finetune_top1"] >= 0
     # The final net is the last step's; test.py reads it (its spec gives the architecture) and agrees.
     assert (run / "trained_params.pkl").read_bytes() == (run / steps[-1] / "trained_params.pkl").read_bytes()

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 import nets
-from tests.support.nets import assert_close_to_scale, input_for, random_masks, randomise, small_net
+from tests.support.nets import assert_close_to_scale, input_for, lean_net, random_masks, randomise
 
 
 def traced_with_widths(net):
@@ -41,16 +41,17 @@ def eager_with_widths(net, x, training):
 
 # One net per kind of layer and group: CIFAR and bottleneck ResNets (residual streams, projection
 # shortcuts), MobileNetV2 (depthwise groups), VGG-16 and LeNet-5 (dense layers, flattened maps), MLP.
-# The deeper variants of each family run the same code paths.
+# The deeper variants of each family run the same code paths, and so do the lean configs
+# (tests/support/nets.py: VGG-16 at a quarter of its widths, MobileNetV2 on 16x16 inputs).
 @pytest.mark.parametrize("arch", ["ResNet-8", "ResNet-50", "MobileNetV2", "VGG-16", "LeNet-5", "MLP"])
 def test_compact_forward_equals_masked_forward(arch):
     # One bottleneck per stage: every code path of ResNet-50 (conv0, projections) at a quarter of its layers.
     config = dict(blocks=[1, 1, 1, 1]) if arch == "ResNet-50" else {}
-    net = small_net(arch, masked=True, **config)
+    net = lean_net(arch, masked=True, **config)
     randomise(net)
     x = tf.constant(input_for(net, batch=3))
     net.options.set(renorm=True, freeze_bn=True)
-    compact_net = small_net(arch, masked=True, **config)
+    compact_net = lean_net(arch, masked=True, **config)
     compact_net.set_params(net.get_params())
     compact_net.options.set(renorm=True, freeze_bn=True, compact=True)
     # Compact mode is traced, as a search runs it (dynamic channel counts, no retracing); the

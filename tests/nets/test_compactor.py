@@ -5,9 +5,11 @@ import pytest
 
 import nets
 from nets.compactor import fold
-from tests.support.nets import assert_close_to_scale, family_representatives, input_for, randomise, small_net
+from tests.support.nets import (assert_close_to_scale, family_representatives, input_for, lean_net, randomise,
+                                small_net)
 
-# One net per family: the deeper variants repeat the same blocks (tests/support/nets.py).
+# One net per family: the deeper variants repeat the same blocks (tests/support/nets.py); the
+# folding test runs each in its lean config (same code paths).
 FAMILIES = family_representatives()
 # Groups that get a compactor: every prunable group written by conv + BN and not filtered by a
 # depthwise conv (MobileNetV2's expanded groups and its stem are); none without BatchNorm.
@@ -37,7 +39,7 @@ def test_compactors_go_to_the_groups_written_by_conv_and_batchnorm(arch):
 
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_compactors_start_as_identity_and_fold_exactly(arch):
-    net = small_net(arch, masked=False)
+    net = lean_net(arch, masked=False)
     randomise(net)
     x = input_for(net)
     names = list(net.param_vars())
@@ -71,7 +73,7 @@ def test_compactors_start_as_identity_and_fold_exactly(arch):
 
 
 def test_fold_without_closed_rows_is_the_trained_net_in_both_modes():
-    net = compactor_net("ResNet-20", seed=3)
+    net = compactor_net("ResNet-8", seed=3)  # a compactor on each kind of block and stream
     x = input_for(net, batch=4)
     folded = fold(net)  # identity compactors: the folded BN statistics are exact
     assert folded.cost() == net.cost()  # compactors are folded away: no FLOPs of their own

@@ -5,13 +5,28 @@ import pytest
 import tensorflow as tf
 
 import nets
-from tests.support.nets import (assert_close_to_scale, family_representatives, input_for, random_masks, randomise,
-                                small_net)
+from tests.support.nets import (Pristine, assert_close_to_scale, family_representatives, input_for, lean_config,
+                                lean_net, random_masks, randomise, small_net)
 from utils.params_io import load_params, save_params
 
 ARCHS = nets.list_archs()
 # The heavy properties run on one net per family: deeper variants repeat the same blocks.
 FAMILIES = family_representatives()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    """One lean net per family (tests/support/nets.py), randomised: built once for the three
+    tests below, which pytest groups by it."""
+    net = lean_net(request.param)
+    randomise(net)
+    return Pristine(net)
+
+
+@pytest.fixture
+def net(family):
+    """The family's net as `family` built it: params, masks and mask options restored."""
+    return family.restored()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -32,15 +47,13 @@ def assert_same_outputs(small, net, x, what):
     assert_close_to_scale(small(x, training=True), net(x, training=True), rtol=1e-3, err_msg=what + " training=True")
 
 
-@pytest.mark.parametrize("arch", FAMILIES)
-def test_masked_equals_slimmed(arch):
-    net = small_net(arch)
-    randomise(net)
+def test_masked_equals_slimmed(net):
+    arch = net.arch
     groups = list(net.prunable_groups())
     x = input_for(net, batch=4)
-    # Random masks everywhere, then masks that empty all but one channel of a group; the EKG
-    # kernel renormalisation on for the last two.
-    for seed, single, renorm in [(1, None, False), (2, groups[len(groups) // 2], True), (3, groups[-1], True)]:
+    # Random masks everywhere, then random masks that also empty all but one channel of two groups
+    # (one in the middle, the last one); the EKG kernel renormalisation on for the second.
+    for seed, single, renorm in [(1, (), False), (2, (groups[len(groups) // 2], groups[-1]), True)]:
         random_masks(net, seed=seed, single=single)
         net.options.set(renorm=renorm)
         small = nets.slim(net)
@@ -51,10 +64,8 @@ def test_masked_equals_slimmed(arch):
         assert small.cost() == net.cost(net.widths())
 
 
-@pytest.mark.parametrize("arch", FAMILIES)
-def test_params_pickle_round_trip(arch, tmp_path):
-    net = small_net(arch)
-    randomise(net)
+def test_params_pickle_round_trip(net, tmp_path):
+    arch = net.arch
     random_masks(net, seed=4)
     small = nets.slim(net)
     path = tmp_path / "trained_params.pkl"
@@ -62,20 +73,19 @@ def test_params_pickle_round_trip(arch, tmp_path):
     loaded = load_params(path)
     assert set(loaded) == set(small.param_vars())
     # The pickle alone (no width spec) rebuilds the slimmed architecture, as EKG pickles do.
-    rebuilt = nets.build_from_params(arch, loaded, **{k: v for k, v in net.config.items()
-                                                      if k in ("input_size", "num_classes")})
+    # (The config is the test's: input size, classes and the lean depths or widths.)
+    rebuilt = nets.build_from_params(arch, loaded, **lean_config(arch))
     assert rebuilt.widths() == small.widths()
     x = input_for(net)
-    np.testing.assert_allclose(rebuilt(x), small(x), atol=1e-5)
+    want = small(x)
+    np.testing.assert_allclose(rebuilt(x), want, atol=1e-5)
     # ... and so does the spec.
     from_spec = nets.build_from_spec(small.spec())
     from_spec.set_params(loaded)
-    np.testing.assert_allclose(from_spec(x), small(x), atol=1e-5)
+    np.testing.assert_allclose(from_spec(x), want, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", FAMILIES)
-def test_forward_traced_once_across_widths(arch):
-    net = small_net(arch)
+def test_forward_traced_once_across_widths(net):
     traces = []
 
     @tf.function

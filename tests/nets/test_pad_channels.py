@@ -5,18 +5,20 @@ import pytest
 import tensorflow as tf
 
 import nets
-from tests.support.nets import assert_close_to_scale, input_for, random_masks, randomise, small_net
+from tests.support.nets import assert_close_to_scale, input_for, lean_net, random_masks, randomise, small_net
 
 
+# In their lean configs (tests/support/nets.py): every code path of ResNet-50, VGG-16 and MobileNetV2.
 @pytest.mark.parametrize("arch", ["ResNet-8", "ResNet-50", "MobileNetV2", "VGG-16", "LeNet-5", "MLP"])
 def test_padded_net_computes_the_slimmed_outputs(arch):
-    masked = small_net(arch, masked=True)
+    masked = lean_net(arch, masked=True)
     randomise(masked)
     random_masks(masked, seed=1)
     slimmed = nets.slim(masked)
     padded = nets.pad_channels(slimmed, 8)
 
-    full = {k: g.size for k, g in small_net(arch, masked=False).prunable_groups().items()}
+    # The full widths: the masked net is built without a width spec (a mask never resizes a group).
+    full = {k: g.size for k, g in masked.prunable_groups().items()}
     for key, width in padded.widths().items():
         assert width == min(-(-slimmed.widths()[key] // 8) * 8, full[key]), key
     assert padded.cost().ekg_flops >= slimmed.cost().ekg_flops
@@ -29,7 +31,7 @@ def test_padded_net_computes_the_slimmed_outputs(arch):
 
 
 def test_padding_a_masked_net_slims_it_first_and_checks_its_arguments():
-    net = small_net("ResNet-20", masked=True)
+    net = small_net("ResNet-8", masked=True)
     randomise(net)
     random_masks(net, seed=2)
     x = tf.constant(input_for(net, batch=2))
@@ -38,7 +40,7 @@ def test_padding_a_masked_net_slims_it_first_and_checks_its_arguments():
     np.testing.assert_allclose(padded(x).numpy(), nets.slim(net)(x).numpy(), atol=1e-5)
     with pytest.raises(ValueError, match="multiple"):
         nets.pad_channels(net, 0)
-    plain = small_net("ResNet-20", masked=False)
+    plain = small_net("ResNet-8", masked=False)
     plain.add_compactors()
     with pytest.raises(ValueError, match="compactors"):
         nets.pad_channels(plain, 8)

@@ -56,16 +56,18 @@ def _random(variable, rng, low=0.0, high=1.0):
 
 
 # Each registered transform kind: (net it is attached to, attach and randomise it, change its settings).
+# ResNet-8 has one block per stage: an identity block, and projection blocks whose stream (stage1) two BNs
+# write into, as in the deeper ResNets.
 EXAMPLES = {
-    "compactor": ("ResNet-20", _compactor,
+    "compactor": ("ResNet-8", _compactor,
                   lambda t, rng: t.kernel.assign(t.kernel + 0.1 * rng.normal(size=t.kernel.shape).astype(np.float32))),
-    "magnitude_mask": ("ResNet-20", _magnitude_mask,
+    "magnitude_mask": ("ResNet-8", _magnitude_mask,
                        lambda t, rng: t.mask.assign((rng.random(t.mask.shape) > 0.5).astype(np.float32))),
-    "uniform_quantizer": ("ResNet-20", _on_kernel(lambda: UniformQuantizer(3, "channel")),
+    "uniform_quantizer": ("ResNet-8", _on_kernel(lambda: UniformQuantizer(3, "channel")),
                           lambda t, rng: None),
-    "nonuniform_quantizer": ("ResNet-20", _on_kernel(lambda: NonUniformQuantizer(2, "channel")),
+    "nonuniform_quantizer": ("ResNet-8", _on_kernel(lambda: NonUniformQuantizer(2, "channel")),
                              lambda t, rng: _random(t.centres, rng)),
-    "activation_quantizer": ("ResNet-20", _activation_quantizer,
+    "activation_quantizer": ("ResNet-8", _activation_quantizer,
                              lambda t, rng: t.high.assign(float(rng.uniform(0.2, 2.0)))),
 }
 STATELESS = {"uniform_quantizer"}  # its settings are its config; its input (the kernel) changes instead
@@ -136,7 +138,7 @@ def test_changing_the_transform_settings_never_retraces(kind):
 
 
 def test_a_target_that_names_nothing_is_refused():
-    net = small_net("ResNet-20", masked=False, input_size=8)
+    net = small_net("ResNet-8", masked=False, input_size=8)
     from utils.errors import ConfigError
 
     with pytest.raises(ConfigError, match="no layer output, parameter or activation site .nope/kernel."):

@@ -2,6 +2,7 @@
 import glob
 import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -74,22 +75,32 @@ def summary_tags(train_path):
     return tags
 
 
-def test_fit_trains_evaluates_logs_and_checkpoints(tmp_path):
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """Two epochs of three steps with evaluation: `(trainer, logs, epoch-end calls, train path)`.
+    Tests that write into the run work on a copy."""
+    tf.random.set_seed(0)  # as tests/conftest.py does for each test
+    path = str(tmp_path_factory.mktemp("fitted"))
     trainer = make_trainer()
     seen = []
-    logs = fit(trainer, data_fn(), epochs=2, steps_per_epoch=3, train_path=str(tmp_path),
+    logs = fit(trainer, data_fn(), epochs=2, steps_per_epoch=3, train_path=path,
                eval_data=eval_data(),
                on_epoch_end=lambda epoch, logs: seen.append((epoch, dict(logs))),
                log_every_steps=1)
+    return trainer, logs, seen, path
+
+
+def test_fit_trains_evaluates_logs_and_checkpoints(fitted):
+    trainer, logs, seen, path = fitted
     assert [e for e, _ in seen] == [0, 1]
     assert logs["epoch"] == 2 and logs["step"] == 6 and logs["eval_count"] == 21
     assert logs == seen[-1][1]
     assert logs["lr"] == pytest.approx(0.02)  # decayed at step 3 of 6
     assert 0.0 <= logs["eval_top1"] <= logs["eval_top5"] <= 1.0
-    assert checkpoints(str(tmp_path)) == ["ckpt-3", "ckpt-6"]
+    assert checkpoints(path) == ["ckpt-3", "ckpt-6"]
     assert int(trainer.epoch.numpy()) == 2 and int(trainer.step_in_epoch.numpy()) == 0
     assert {"train/loss", "train/top1", "train/lr", "eval/top1", "eval/top5",
-            "eval/loss"} <= summary_tags(str(tmp_path))
+            "eval/loss"} <= summary_tags(path)
 
 
 def test_resume_after_a_crash_mid_epoch_ends_where_an_uninterrupted_run_ends(tmp_path):
@@ -155,10 +166,12 @@ def test_resume_without_a_checkpoint_starts_fresh(tmp_path, caplog):
     assert logs == {"epoch": 1, "step": 3}
 
 
-def test_existing_checkpoints_need_resume(tmp_path):
-    fit(make_trainer(), data_fn(), epochs=1, steps_per_epoch=3, train_path=str(tmp_path))
+def test_existing_checkpoints_need_resume(fitted, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(fitted[3], run)
+    assert checkpoints(str(run))  # a finished run's checkpoints
     with pytest.raises(ConfigError, match="resume"):
-        fit(make_trainer(), data_fn(), epochs=1, steps_per_epoch=3, train_path=str(tmp_path))
+        fit(make_trainer(), data_fn(), epochs=1, steps_per_epoch=3, train_path=str(run))
 
 
 def test_data_must_be_batched_per_replica_with_drop_remainder(tmp_path):

@@ -29,14 +29,19 @@ def assert_same_weights(got, want):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_mid_epoch_matches_an_uninterrupted_run(tmp_path):
-    full = run_toy_here(tmp_path / "full", tmp_path / "full_out", COMMON + ["--replicas", "2"])
-
-    # Slow batches (0.25 s each, two per step) leave time to kill between checkpoints.
+    # Slow batches (0.25 s each, two per step) leave time to kill between checkpoints; only from the
+    # second epoch on, where the kill lands (the first one has nothing to wait for). The process
+    # starts TensorFlow while the uninterrupted run trains here, and trains once that is done (`go`),
+    # so that this loop watches its checkpoints from the first step on.
     train_path = tmp_path / "killed"
     log = tmp_path / "killed.log"
+    go = tmp_path / "go"
     proc = start_toy(train_path, tmp_path / "killed_out",
-                     COMMON + ["--replicas", "2", "--step_delay", "0.25"], log)
+                     COMMON + ["--replicas", "2", "--step_delay", "0.25", "--delay_from_epoch", "1",
+                               "--start_file", str(go)], log)
     try:
+        full = run_toy_here(tmp_path / "full", tmp_path / "full_out", COMMON + ["--replicas", "2"])
+        go.touch()
         deadline = time.monotonic() + 180
         while True:
             number = latest_checkpoint_number(train_path / "ckpt")
@@ -67,8 +72,6 @@ def test_resume_after_sigkill_mid_epoch_matches_an_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_two_workers_on_loopback_match_a_single_process(tmp_path):
     args = ["--epochs", "2", "--steps_per_epoch", "3", "--ckpt_every", "2"]
-    single = run_toy_here(tmp_path / "single", tmp_path / "single_out", args + ["--replicas", "1"])
-
     ports = {free_port()}
     while len(ports) < 2:
         ports.add(free_port())
@@ -81,9 +84,14 @@ def test_two_workers_on_loopback_match_a_single_process(tmp_path):
             procs.append(start_toy(
                 train_path, tmp_path / f"worker{index}_out", args, logs[-1],
                 tf_config={"cluster": cluster, "task": {"type": "worker", "index": index}}))
-    finally:
-        # Bounded: kills both workers and fails if either hangs or fails.
-        wait_all(procs, logs, timeout=240)
+        # The single-process reference trains here while the workers start TensorFlow.
+        single = run_toy_here(tmp_path / "single", tmp_path / "single_out", args + ["--replicas", "1"])
+    except BaseException:
+        for proc in procs:
+            kill(proc)
+        raise
+    # Bounded: kills both workers and fails if either hangs or fails.
+    wait_all(procs, logs, timeout=240)
 
     for index in range(2):
         worker = load_result(tmp_path / f"worker{index}_out")

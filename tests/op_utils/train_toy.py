@@ -11,6 +11,7 @@ writes ``<out>.npz`` (final trainable variables, in model order) and ``<out>.jso
 import argparse
 import json
 import os
+import time
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,6 +27,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--step_delay", type=float, default=0.0,
                         help="seconds of sleep per batch, so a test can kill mid-run")
+    parser.add_argument("--delay_from_epoch", type=int, default=0,
+                        help="the first (0-based) epoch whose batches --step_delay slows")
+    parser.add_argument("--start_file", default=None,
+                        help="set up, then wait for this file to exist before training")
     return parser.parse_args(argv)
 
 
@@ -52,7 +57,7 @@ def main(argv=None) -> None:
     eval_x, eval_y = toy_data(37, seed=5)
 
     train_data_fn = make_train_data_fn(features, labels, args.batch,
-                                       step_delay=args.step_delay)
+                                       step_delay=args.step_delay, delay_from_epoch=args.delay_from_epoch)
 
     with strategy.scope():
         model = MLP()
@@ -68,6 +73,8 @@ def main(argv=None) -> None:
             start[key] = int(tf.train.load_variable(latest, f"{key}/.ATTRIBUTES/VARIABLE_VALUE"))
 
     eval_data = tf.data.Dataset.from_tensor_slices((eval_x, eval_y)).batch(8)
+    while args.start_file and not os.path.exists(args.start_file):
+        time.sleep(0.01)
     logs = fit(trainer, train_data_fn, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                train_path=args.train_path, eval_data=eval_data, resume=args.resume,
                ckpt_every_steps=args.ckpt_every, log_every_steps=2)

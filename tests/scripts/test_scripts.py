@@ -271,8 +271,9 @@ def test_a_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, 
 @pytest.mark.parametrize("method_from", ["flag", "file"])
 def test_config_precedence(method_from, imagenet_3_classes, tmp_path, capsys):
     # dataclass defaults < ImageNet's fine-tuning recipe (chosen by the method) < train_imagenet's own
-    # defaults < --config FILE < flags. The --trained_param is an empty pickle, so the run stops in its
-    # first stage with one error line, after config.json is written complete.
+    # defaults < --config FILE < flags. The --trained_param is an empty pickle whose spec names another
+    # arch, so the run stops in its first stage with one error line naming the --arch in effect, after
+    # config.json is written complete (and before a ResNet-50 is built: 25M params, twice).
     overlay = {"weight_decay": 3e-4, "val_batch_size": 16, "seed": 5, "image_size": 32}
     method = ["--method", "random"] if method_from == "flag" else []
     if method_from == "file":
@@ -280,11 +281,14 @@ def test_config_precedence(method_from, imagenet_3_classes, tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(overlay))
     start = tmp_path / "start.pkl"
     start.write_bytes(pickle.dumps({}))
+    (tmp_path / "start.arch.json").write_text(json.dumps({"arch": "ResNet-8"}))
     run = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_:
         train_imagenet.main([*method, "--config", str(tmp_path / "config.json"), "--data_path", str(imagenet_3_classes),
                              "--train_path", str(run), "--trained_param", str(start), "--seed", "7"])
-    assert exit_.value.code == 2 and "do not fit ResNet-50" in error_lines(capsys.readouterr().err)[0]
+    assert exit_.value.code == 2
+    assert error_lines(capsys.readouterr().err) == [f"error: {start} holds a ResNet-8 (see {tmp_path / 'start.arch.json'}), "
+                                                    "not --arch ResNet-50"]
     saved = json.loads((run / "config.json").read_text())
     [step] = saved["steps"]  # a --trained_param: no baseline step
     assert (step["name"], step["method"]) == ("1-random", "random")

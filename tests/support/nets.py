@@ -20,6 +20,27 @@ SMALL = {
 }
 
 
+# Lean configs for the heavy per-family tests (masked == slimmed, pickles, tracing, compact mode,
+# compactors, padding, sites). Their cost is building, randomising and slimming the variables and
+# running or tracing every layer; fewer blocks and narrower stages cut it, and every code path
+# stays:
+# * ResNet-20A: one block per stage (an identity block, two option-A stride-2 zero-padded shortcuts);
+# * ResNet-18: one basic block per stage (stage 0's identity block, three projection blocks);
+# * ResNet-50: two bottlenecks in stage 0 (a stride-1 projection and an identity bottleneck), one
+#   in each later stage (stride-2 projections);
+# * VGG-16: its thirteen convs, five max-pools and flattened classifier at a quarter of the widths;
+# * MobileNetV2 (no depth setting): 16x16 inputs, as the ImageNet nets run at 64x64 in `SMALL`;
+#   every stride still halves a map (the last one is 2x2).
+# Tests of registered depths and figures (output shapes, complexity, compactor counts) keep `small_net`.
+LEAN = {
+    "ResNet-20A": dict(blocks=[1, 1, 1]),
+    "ResNet-18": dict(blocks=[1, 1, 1, 1]),
+    "ResNet-50": dict(blocks=[2, 1, 1, 1]),
+    "VGG-16": dict(stages=[[16, 16], [32, 32], [64, 64, 64], [128, 128, 128], [128, 128, 128]], hidden=128),
+    "MobileNetV2": dict(input_size=16),
+}
+
+
 def family_representatives(archs=None):
     """The registered nets that the heavy per-net tests run on: one per family.
 
@@ -61,6 +82,38 @@ def small_net(arch, **kwargs):
     return nets.build(arch, **{**SMALL.get(arch, {}), **kwargs})
 
 
+def lean_config(arch):
+    """The config overrides of `lean_net(arch)` (pass them to `nets.build_from_params`)."""
+    return {**SMALL.get(arch, {}), **LEAN.get(arch, {})}
+
+
+def lean_net(arch, **kwargs):
+    """`small_net` with the `LEAN` config: same code paths, a fraction of the layers or widths."""
+    return nets.build(arch, **{**lean_config(arch), **kwargs})
+
+
+class Pristine:
+    """A built net shared by several tests (a module-scoped fixture), with its state at hand.
+
+    `restored()` gives the net back exactly as it was handed in: its params (moving statistics
+    included), all masks open and the mask options off. It refuses a net with attached
+    transforms or recomputation, which it cannot undo.
+    """
+
+    def __init__(self, net):
+        self.net = net
+        self.params = net.get_params()
+
+    def restored(self):
+        net = self.net
+        assert not net.attachments() and not net._recompute, "Pristine cannot undo transforms or recomputation"
+        net.set_params(self.params)
+        net.reset_masks()
+        if net.options is not None:
+            net.options.set(renorm=False, freeze_bn=False, compact=False)
+        return net
+
+
 def input_for(net, batch=2, seed=0):
     rng = np.random.default_rng(seed)
     size = net.config.get("input_size", 28)
@@ -86,10 +139,12 @@ def randomise(net, seed=0):
 
 
 def random_masks(net, seed=0, single=None):
-    """Random masks on every prunable group; `single` keeps only one channel of that group."""
+    """Random masks on every prunable group; `single` (a group key, or several) keeps only one
+    channel of each such group."""
     rng = np.random.default_rng(seed)
+    singles = {single} if isinstance(single, str) else set(single or ())
     for key, group in net.prunable_groups().items():
-        if key == single:
+        if key in singles:
             keep = [int(rng.integers(group.size))]
         else:
             count = int(rng.integers(1, group.size + 1))
@@ -98,12 +153,14 @@ def random_masks(net, seed=0, single=None):
 
 
 def tiny_resnet(renorm=False, seed=2):
-    """A masked CIFAR ResNet of one block per stage on 8x8 inputs, random params and masks.
+    """A masked CIFAR ResNet of two stages of one block on 8x8 inputs, random params and masks.
 
-    One block per stage keeps every code path of the deeper ResNets (an identity and two
-    projection shortcuts, five segments) at a fraction of their trace and XLA compile time.
+    It keeps every code path of the deeper ResNets (a stem, an identity block on the stem's
+    stream, a stride-2 projection block opening a new stream, the head: four segments) at a
+    fraction of their trace and XLA compile time; a third stage would repeat the second's code
+    (and cost a quarter more to trace and compile).
     """
-    net = small_net("ResNet-20", blocks=[1, 1, 1], input_size=8)
+    net = small_net("ResNet-20", blocks=[1, 1], input_size=8)
     randomise(net)
     random_masks(net, seed=seed)
     net.options.set(renorm=renorm)

@@ -95,7 +95,7 @@ def toy_images(n: int, size: int = 6, channels: int = 3, classes: int = 5, seed:
 
 
 def make_train_data_fn(features, labels, global_batch: int, *, step_delay: float = 0.0,
-                       poison=None, fail_at=None):
+                       delay_from_epoch: int = 0, poison=None, fail_at=None):
     """A ``train_data_fn(epoch, input_context)`` for ``op_utils.loop.fit`` over arrays.
 
     Epoch ``e`` visits the examples in the order of ``RandomState(e).permutation``; global
@@ -107,6 +107,7 @@ def make_train_data_fn(features, labels, global_batch: int, *, step_delay: float
         features, labels: The training arrays.
         global_batch: The global batch size ``B``.
         step_delay: Seconds to sleep per batch (lets a test kill the run mid-epoch).
+        delay_from_epoch: The first epoch whose batches are slowed by ``step_delay``.
         poison: ``(epoch, step)``: that global batch's features become NaN.
         fail_at: ``(epoch, step)``: reading that global batch raises an error (a crash).
     """
@@ -133,7 +134,7 @@ def make_train_data_fn(features, labels, global_batch: int, *, step_delay: float
                     return tf.nest.map_structure(tf.identity, batch)
 
             ds = ds.enumerate().map(crash)
-        if step_delay:
+        if step_delay and epoch >= delay_from_epoch:
             def slow(a, b):
                 pause = tf.numpy_function(
                     lambda: np.float32(time.sleep(step_delay) or 0.0), [], tf.float32)
