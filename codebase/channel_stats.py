@@ -17,8 +17,8 @@ choice is made for every reader of a group at once:
 Groups read by a dense layer (the classifier, a flattened map) are not pruned, as in PocketFlow.
 
 Everything is accumulated over batches from one traced forward pass per net (`Record` taps on the
-`layer_in` / `layer_out` / `block` sites; the net runs only as far as its last needed site): per conv reader the channel Gram `G = Z Z^T / M` and
-`b = Z y / M` of the LASSO, and the normal equations `X^T X`, `X^T Y` of the least squares; no
+`layer_in` / `layer_out` / `block` sites; the net runs only as far as its last needed site): per
+conv reader the channel Gram `G = Z Z^T / M` and `b = Z y / M` of the LASSO, and the normal equations `X^T X`, `X^T Y` of the least squares; no
 sample matrix is ever stored. Positions are drawn by a stateless generator from (seed, batch), so
 a resumed run draws the same ones. `x_net` gives the inputs and `y_net` the targets: the same net
 for `cp`, the pruned and the full net for `cpr` (compensating the error accumulated upstream).
@@ -177,11 +177,6 @@ def values_at(y, positions):
     return tf.gather_nd(y, tf.stack([batch, positions[..., 0], positions[..., 1]], -1))
 
 
-def effective_kernel(conv: Conv2d):
-    """The conv's kernel as the masked forward pass uses it (pruned rows and columns zero)."""
-    return conv.param("kernel")
-
-
 class Sampler:
     """Accumulates `GroupStats` for problems, reading inputs from `x_net` and targets from `y_net`.
 
@@ -235,8 +230,8 @@ class Sampler:
                     c = patches.shape[-1]
                     flat = tf.reshape(patches, [-1, kh * kw * c])
                     target = tf.reshape(target, [-1, target.shape[-1]])
-                    contrib = tf.einsum("npqc,pqco->nco", tf.reshape(patches, [-1, kh, kw, c]),
-                                        effective_kernel(conv))
+                    # The kernel as the masked forward pass uses it: pruned rows and columns are zero.
+                    contrib = tf.einsum("npqc,pqco->nco", tf.reshape(patches, [-1, kh, kw, c]), conv.param("kernel"))
                     out[key] = dict(gram=tf.einsum("nco,ndo->cd", contrib, contrib),
                                     lin=tf.einsum("nco,no->c", contrib, target),
                                     xx=tf.matmul(flat, flat, transpose_a=True),

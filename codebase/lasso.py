@@ -10,16 +10,18 @@ y = vec(Y) (length M = N*c_out, row-major over [N, c_out]), channel selection so
 and keeps the channels with beta_i != 0. Expanding the square, only the Gram form matters:
 G = Z Z^T / M and b = Z y / M, and the problem is min 1/2 beta^T G beta - b^T beta + alpha ||beta||_1
 (c_in x c_in, whatever N). A channel group feeding several consumer layers stacks their problems
-(rows concatenated, one beta), which sums their G and b over the total M (`gram` of a list); the same
-list form sums the samples in chunks when Z would not fit in memory.
+(rows concatenated, one beta), which sums their G and b.
 
 * He et al. 2017, "Channel pruning for accelerating very deep neural networks" (PocketFlow's
-  `channel` learner): `contributions`, `gram`, `lasso` (coordinate descent on G) and
-  `select_by_lasso` (the penalty search for a channel count), then `least_squares` (the closed-form
-  refit of the kept channels' weights to the original output).
+  `channel` learner): `lasso` (coordinate descent on G) and `select_by_lasso` (the penalty search
+  for a channel count), then `normal_least_squares` (the closed-form refit of the kept channels'
+  weights to the targets).
 * PocketFlow's "remastered" channel pruning: `ista` (a fixed number of soft-thresholded gradient
-  steps on G / ||G||_F from a random start), `select_by_ista` (its penalty search) and
-  `adam_least_squares` (the refit by Adam steps instead of the closed form).
+  steps on G / ||G||_F from a random start), `select_by_ista` (its penalty search) and `adam_normal`
+  (the refit by Adam steps from the current kernel instead of the closed form).
+
+G, b and the normal equations are accumulated from sampled feature maps by
+`codebase.channel_stats` (never as sample matrices).
 """
 
 from __future__ import annotations
@@ -33,42 +35,6 @@ def soft_threshold(x, t):
     """The proximal map of t * ||.||_1: sign(x) * max(|x| - t, 0), elementwise."""
     x = np.asarray(x, dtype=np.float64)
     return np.sign(x) * np.maximum(np.abs(x) - t, 0.0)
-
-
-def contributions(patches, kernel) -> np.ndarray:
-    """Each input channel's contribution to a conv's output at the sampled positions.
-
-    Args:
-        patches: [N, kh, kw, c_in], the input values under the kernel at N output positions.
-        kernel: [kh, kw, c_in, c_out].
-
-    Returns:
-        Z [c_in, N*c_out] in float64; row i is vec(X_i W_i), row-major over [N, c_out], so the rows
-        sum to the conv's output at those positions, flattened.
-    """
-    z = np.einsum("nhwi,hwio->ino", np.asarray(patches, np.float64), np.asarray(kernel, np.float64))
-    return z.reshape(z.shape[0], -1)
-
-
-def gram(Z, y=None) -> tuple[np.ndarray, np.ndarray]:
-    """The Gram form G = Z Z^T / M, b = Z y / M of the selection problem (float64).
-
-    Args:
-        Z: [c_in, M] contributions, with `y` the target (any shape of M elements, e.g. [N, c_out]);
-            or, with `y` None, a list of (Z, y) pairs (several consumers of one channel group, or
-            chunks of the samples): their rows are stacked, i.e. the sums are over all pairs and M
-            is their total length.
-    """
-    pairs = [(Z, y)] if y is not None else list(Z)
-    if not pairs:
-        raise ValueError("gram needs at least one (Z, y) pair")
-    G, b, m = 0.0, 0.0, 0
-    for z, target in pairs:
-        z, target = np.asarray(z, np.float64), np.asarray(target, np.float64).reshape(-1)
-        if target.size != z.shape[1]:
-            raise ValueError(f"y has {target.size} elements, Z has {z.shape[1]} columns")
-        G, b, m = G + z @ z.T, b + z @ target, m + z.shape[1]
-    return G / m, b / m
 
 
 def lasso(G, b, alpha: float, beta0=None, iters: int = 1000, tol: float = 1e-10) -> np.ndarray:
@@ -221,58 +187,20 @@ def select_by_ista(G, b, keep: int, gamma0: float = 0.1, lr: float = 1e-2, iters
                    lambda below: 0.0, lambda lo, hi, steps: hi - lo < 1e-8, 0)
 
 
-def _design(patches, bias: bool) -> np.ndarray:
-    x = np.asarray(patches, np.float64).reshape(len(patches), -1)
-    return np.concatenate([x, np.ones((len(x), 1))], axis=1) if bias else x
-
-
-def least_squares(patches, targets, bias: bool = False):
-    """The kernel (and bias) of the kept channels that best reproduces `targets` (He et al.'s refit).
-
-    Args:
-        patches: [N, kh, kw, k], the kept input channels' values at N output positions.
-        targets: [N, c_out], the outputs to reproduce (the unpruned layer's, in He et al.).
-        bias: also fit a bias.
-
-    Returns:
-        The float32 kernel [kh, kw, k, c_out] minimising ||Y - X W (- bias)||^2 (np.linalg.lstsq
-        in float64), or (kernel, bias [c_out]) with `bias`.
-    """
-    y = np.asarray(targets, np.float64).reshape(len(patches), -1)
-    w = np.linalg.lstsq(_design(patches, bias), y, rcond=None)[0]
-    kernel = w[: w.shape[0] - bias].reshape(*np.shape(patches)[1:], y.shape[1]).astype(np.float32)
-    return (kernel, w[-1].astype(np.float32)) if bias else kernel
-
-
 def normal_least_squares(xx, xy, ridge: float = 1e-10) -> np.ndarray:
-    """`least_squares` from its normal equations: W = (X^T X)^-1 X^T Y, with `xx` = X^T X and
-    `xy` = X^T Y summed over the samples (float64; a ridge of `ridge` times the mean diagonal keeps
-    an all-zero input channel, e.g. one pruned upstream, from making the system singular)."""
+    """He et al.'s refit of the kept weights to the targets, from the normal equations:
+    W = (X^T X)^-1 X^T Y, with `xx` = X^T X and `xy` = X^T Y summed over the samples (X: the kept
+    channels' patches, rows in (kh, kw, channel) order; float64). A ridge of `ridge` times the mean
+    diagonal keeps an all-zero input channel, e.g. one pruned upstream, from making it singular."""
     xx, xy = np.asarray(xx, np.float64), np.asarray(xy, np.float64)
     damp = ridge * max(float(np.trace(xx)) / max(len(xx), 1), 1e-30)
     return np.linalg.solve(xx + damp * np.eye(len(xx)), xy)
 
 
-def adam_least_squares(patches, targets, kernel0, lr: float = 1e-3, iters: int = 100,
-                       weight_decay: float = 0.0) -> np.ndarray:
-    """PocketFlow remastered's refit: `iters` Adam steps (0.9, 0.999, eps 1e-8) from `kernel0` on
-    mean((X W - Y)^2) + weight_decay * 0.5 * ||W||^2 (mean over N * c_out), in float64 numpy.
-
-    Args:
-        patches: [N, kh, kw, k]; targets: [N, c_out]; kernel0: [kh, kw, k, c_out].
-
-    Returns:
-        The float32 kernel after the last step. Deterministic.
-    """
-    x = _design(patches, False)
-    y = np.asarray(targets, np.float64).reshape(len(x), -1)
-    w = adam_normal(x.T @ x, x.T @ y, y.size, np.reshape(kernel0, (x.shape[1], y.shape[1])), lr, iters,
-                    weight_decay)
-    return w.reshape(np.shape(kernel0)).astype(np.float32)
-
-
 def adam_normal(xx, xy, size: int, w0, lr: float = 1e-3, iters: int = 100, weight_decay: float = 0.0) -> np.ndarray:
-    """`adam_least_squares` from the normal equations (`size` = N * c_out); returns float64 W [d, c_out]."""
+    """PocketFlow remastered's refit: `iters` Adam steps (0.9, 0.999, eps 1e-8) from `w0` [d, c_out]
+    on mean((X W - Y)^2) + weight_decay * 0.5 * ||W||^2, the mean over `size` = N * c_out elements,
+    from the normal equations `xx`, `xy`. Returns float64 W; deterministic."""
     xx, xy, scale = np.asarray(xx, np.float64), np.asarray(xy, np.float64), 2.0 / size
     w = np.array(w0, np.float64)
     m, v = np.zeros_like(w), np.zeros_like(w)

@@ -153,10 +153,13 @@ def _load_state(path: str, net) -> tuple:
 
 class _ChannelPruning(PruneMethod):
     Options = CPOptions
+    targets_from_full = False  # cpr: targets from the unpruned net (else from the net pruned so far)
 
     # === The two learners' differences ===
     def sampler(self, net, full):
-        return channel_stats.Sampler(net, net, self.options.cp_points_per_image, self.step.run.seed)
+        """Inputs from `net`; targets from `full` (cpr) or from `net` itself."""
+        return channel_stats.Sampler(net, full if self.targets_from_full else net, self.options.cp_points_per_image,
+                                     self.step.run.seed)
 
     def select(self, stats: channel_stats.GroupStats, keep: int) -> np.ndarray:
         gram, lin = stats.lasso_terms()
@@ -169,7 +172,7 @@ class _ChannelPruning(PruneMethod):
     def prune(self):
         step, opts = self.step, self.options
         net = step.start_net(masked=True, local=True)
-        full = step.start_net(masked=False, local=True)
+        full = step.start_net(masked=False, local=True) if self.targets_from_full else None
         problems = channel_stats.problems(net, streams=opts.cp_streams)
         counts = kept_counts(net, problems, opts)
         state = step.path(STATE)
@@ -251,9 +254,7 @@ class RemasteredChannelPruning(_ChannelPruning):
     ISTA selection and an Adam refit."""
 
     Options = CPROptions
-
-    def sampler(self, net, full):
-        return channel_stats.Sampler(net, full, self.options.cp_points_per_image, self.step.run.seed)
+    targets_from_full = True
 
     def select(self, stats, keep):
         gram, lin = stats.lasso_terms()

@@ -71,7 +71,13 @@ def test_statistics_sum_to_the_outputs_and_give_back_the_kernel():
     assert stem.shortcut_count == 3 * 4 * 64
     np.testing.assert_allclose(stem.shortcut_gram, stem.shortcut_lin)
     gram, lin = stem.lasso_terms()
-    assert gram.shape == (16, 16) and np.all(np.diag(gram) > 0) and np.isfinite(lin).all()
+    # Every reader counts as the mean over its own samples: three convs and the shortcut, summed.
+    expected = sum(c.gram / (c.count * c.c_out) for c in stem.convs.values()) + np.diag(stem.shortcut_gram) / (
+        stem.shortcut_count * 16)
+    assert len(stem.convs) == 3
+    np.testing.assert_allclose(gram, expected)
+    np.testing.assert_allclose(lin, sum(c.lin / (c.count * c.c_out) for c in stem.convs.values())
+                               + stem.shortcut_lin / (stem.shortcut_count * 16))
 
 
 def test_positions_depend_on_seed_conv_and_batch_only():

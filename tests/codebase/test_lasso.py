@@ -1,19 +1,22 @@
 """Channel selection by LASSO (He et al.) and ISTA (PocketFlow remastered), the penalty searches and the
-refits of the kept weights (codebase/lasso.py), against the conv they decompose, closed forms, brute force
-and synthetic layers whose relevant channels are known."""
+refits of the kept weights (codebase/lasso.py), against closed forms, brute force and synthetic layers
+whose relevant channels are known. The conv's own statistics are tested in test_channel_stats.py."""
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from codebase.lasso import (adam_least_squares, contributions, gram, ista, lasso, least_squares, select_by_ista,
-                            select_by_lasso, soft_threshold)
+from codebase.lasso import adam_normal, ista, lasso, normal_least_squares, select_by_ista, select_by_lasso, soft_threshold
 
 
-def _patches(images, kh, kw):
-    """[N, kh, kw, c] input windows at every VALID output position, in conv2d's output order."""
-    windows = np.lib.stride_tricks.sliding_window_view(images, (kh, kw), axis=(1, 2))  # [B, h, w, c, kh, kw]
-    return windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, kh, kw, images.shape[-1])
+def contributions(patches, kernel):
+    """Z [c_in, N*c_out]: row i is channel i's contribution X_i W_i to the layer's output, flattened."""
+    z = np.einsum("nhwi,hwio->ino", patches, kernel)
+    return z.reshape(z.shape[0], -1)
+
+
+def gram(Z, y):
+    """The Gram form (G, b) = (Z Z^T / M, Z y / M) that channel_stats accumulates."""
+    return Z @ Z.T / Z.shape[1], Z @ y / Z.shape[1]
 
 
 def _synthetic(seed=0, n=150, c_in=12, c_out=5, true=(1, 4, 7, 10), noise=0.01):
@@ -32,29 +35,6 @@ def _random_problem(seed=0, c_in=8, m=40):
 
 def test_soft_threshold():
     assert np.allclose(soft_threshold([-3.0, -0.5, 0.0, 0.2, 2.0], 1.0), [-2.0, 0.0, 0.0, 0.0, 1.0])
-
-
-def test_contributions_sum_to_the_conv_output():
-    rng = np.random.default_rng(0)
-    images = rng.normal(size=(2, 6, 5, 3)).astype(np.float32)
-    kernel = rng.normal(size=(3, 2, 3, 4)).astype(np.float32)
-    patches = _patches(images, 3, 2)
-    Z = contributions(patches, kernel)
-    assert Z.shape == (3, len(patches) * 4) and Z.dtype == np.float64
-    conv = tf.nn.conv2d(images, kernel, strides=1, padding="VALID").numpy().reshape(-1)
-    assert np.allclose(Z.sum(axis=0), conv, atol=1e-5)
-    # Row i alone is the conv of channel i alone.
-    only_1 = tf.nn.conv2d(images[..., 1:2], kernel[:, :, 1:2], strides=1, padding="VALID").numpy().reshape(-1)
-    assert np.allclose(Z[1], only_1, atol=1e-5)
-
-
-def test_gram_of_stacked_consumers_equals_gram_of_concatenated_rows():
-    rng = np.random.default_rng(0)
-    z1, y1, z2, y2 = rng.normal(size=(5, 12)), rng.normal(size=(4, 3)), rng.normal(size=(5, 20)), rng.normal(size=20)
-    G, b = gram([(z1, y1), (z2, y2)])
-    G_cat, b_cat = gram(np.concatenate([z1, z2], axis=1), np.concatenate([y1.reshape(-1), y2]))
-    assert np.allclose(G, G_cat) and np.allclose(b, b_cat)
-    assert np.allclose(G_cat, np.concatenate([z1, z2], axis=1) @ np.concatenate([z1, z2], axis=1).T / 32)
 
 
 def test_lasso_and_ista_on_an_orthonormal_design_are_soft_thresholds():
@@ -137,11 +117,15 @@ def _layer(seed=0, n=80, c_in=3, c_out=4):
     return patches, kernel
 
 
+def _normal(patches, targets):
+    x = patches.reshape(len(patches), -1)
+    return x.T @ x, x.T @ targets
+
+
 def test_least_squares_reproduces_the_unpruned_layer():
     patches, kernel = _layer()
     targets = np.einsum("nhwi,hwio->no", patches, kernel)
-    fitted = least_squares(patches, targets)
-    assert fitted.shape == kernel.shape and fitted.dtype == np.float32
+    fitted = normal_least_squares(*_normal(patches, targets)).reshape(kernel.shape)
     assert np.allclose(fitted, kernel, atol=1e-5)
 
 
@@ -149,34 +133,42 @@ def test_least_squares_reproduces_the_layer_without_a_channel_it_ignores():
     patches, kernel = _layer()
     kernel[:, :, 1] = 0.0
     targets = np.einsum("nhwi,hwio->no", patches, kernel)
-    fitted = least_squares(patches[..., [0, 2]], targets)
+    kept = patches[..., [0, 2]]
+    fitted = normal_least_squares(*_normal(kept, targets)).reshape(3, 3, 2, 4)
     assert np.allclose(fitted, kernel[:, :, [0, 2]], atol=1e-5)
-    assert np.allclose(np.einsum("nhwi,hwio->no", patches[..., [0, 2]], fitted), targets, atol=1e-5)
+    assert np.allclose(np.einsum("nhwi,hwio->no", kept, fitted), targets, atol=1e-5)
 
 
-def test_least_squares_with_bias():
+def test_least_squares_survives_an_all_zero_input_channel():
     patches, kernel = _layer()
-    bias = np.array([0.5, -1.0, 2.0, 0.0])
-    fitted, fitted_bias = least_squares(patches, np.einsum("nhwi,hwio->no", patches, kernel) + bias, bias=True)
-    assert np.allclose(fitted, kernel, atol=1e-5) and np.allclose(fitted_bias, bias, atol=1e-5)
+    patches[..., 1] = 0.0  # a channel pruned upstream: X^T X is singular without the ridge
+    targets = np.einsum("nhwi,hwio->no", patches, kernel)
+    fitted = normal_least_squares(*_normal(patches, targets)).reshape(kernel.shape)
+    assert np.isfinite(fitted).all()
+    assert np.allclose(np.einsum("nhwi,hwio->no", patches, fitted), targets, atol=1e-5)
 
 
 def _error(patches, targets, kernel):
     return np.mean((np.einsum("nhwi,hwio->no", patches, kernel) - targets) ** 2)
 
 
-def test_adam_least_squares_decreases_the_error_from_a_perturbed_start():
+def _adam(patches, targets, start, **kwargs):
+    return adam_normal(*_normal(patches, targets), targets.size, start.reshape(-1, targets.shape[1]),
+                       **kwargs).reshape(start.shape)
+
+
+def test_adam_refit_decreases_the_error_from_a_perturbed_start():
     patches, kernel = _layer()
     rng = np.random.default_rng(1)
     targets = np.einsum("nhwi,hwio->no", patches, kernel) + 0.1 * rng.normal(size=(80, 4))
     start = kernel + 0.3 * rng.normal(size=kernel.shape)
-    fitted = adam_least_squares(patches, targets, start, lr=1e-2, iters=50)
+    fitted = _adam(patches, targets, start, lr=1e-2, iters=50)
     assert _error(patches, targets, fitted) < 0.5 * _error(patches, targets, start)
-    assert np.array_equal(fitted, adam_least_squares(patches, targets, start, lr=1e-2, iters=50))
+    assert np.array_equal(fitted, _adam(patches, targets, start, lr=1e-2, iters=50))
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.5])
-def test_adam_least_squares_approaches_the_closed_form(weight_decay):
+def test_adam_refit_approaches_the_closed_form(weight_decay):
     patches, kernel = _layer(c_in=2)
     rng = np.random.default_rng(2)
     targets = np.einsum("nhwi,hwio->no", patches, kernel) + 0.1 * rng.normal(size=(80, 4))
@@ -184,6 +176,5 @@ def test_adam_least_squares_approaches_the_closed_form(weight_decay):
     # The minimiser of mean((XW - Y)^2) + weight_decay/2 ||W||^2 (mean over N * c_out elements).
     scale = 2.0 / targets.size
     best = np.linalg.solve(scale * x.T @ x + weight_decay * np.eye(18), scale * x.T @ targets).reshape(kernel.shape)
-    start = np.zeros_like(kernel)
-    fitted = adam_least_squares(patches, targets, start, lr=1e-2, iters=2000, weight_decay=weight_decay)
+    fitted = _adam(patches, targets, np.zeros_like(kernel), lr=1e-2, iters=2000, weight_decay=weight_decay)
     assert np.abs(fitted - best).max() < 1e-4 * np.abs(best).max()
