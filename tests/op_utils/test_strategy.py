@@ -57,8 +57,44 @@ except ValueError:  # an allocator without statistics
 """
 
 
+@pytest.fixture(scope="module")
+def allocator_probes(tmp_path_factory):
+    """`{TF_CPU_ALLOCATOR_USE_BFC value: the probe's CompletedProcess}`: one fresh process per
+    value (None: unset), both started at once, as each spends its time starting TensorFlow."""
+    import subprocess
+    import sys
+
+    from tests.support.procs import REPO, kill, toy_env
+
+    folder = tmp_path_factory.mktemp("probes")
+    running = {}
+    try:
+        for value in (None, "false"):
+            env = toy_env()
+            env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
+            if value is not None:
+                env["TF_CPU_ALLOCATOR_USE_BFC"] = value
+            env.update(TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="process_state=2")
+            out, err = (open(folder / f"{value}.{kind}", "w+", encoding="utf-8") for kind in ("out", "err"))
+            proc = subprocess.Popen([sys.executable, "-c", _ALLOCATOR_PROBE], cwd=REPO, env=env, stdout=out,
+                                    stderr=err, stdin=subprocess.DEVNULL, text=True)
+            running[value] = (proc, out, err)
+        results = {}
+        for value, (proc, out, err) in running.items():
+            proc.wait(timeout=120)
+            out.seek(0)
+            err.seek(0)
+            results[value] = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+    finally:
+        for proc, out, err in running.values():
+            kill(proc)
+            out.close()
+            err.close()
+    return results
+
+
 @pytest.mark.parametrize("env_value", [None, "false"])
-def test_make_strategy_makes_the_cpu_devices_allocate_through_bfc(env_value):
+def test_make_strategy_makes_the_cpu_devices_allocate_through_bfc(env_value, allocator_probes):
     # Without BFC every step under a strategy re-maps its memory (docs/benchmarks.md, sec. 3),
     # and the variable only counts if it is set before TensorFlow creates its devices. What
     # the probe observes, in a fresh process:
@@ -69,18 +105,7 @@ def test_make_strategy_makes_the_cpu_devices_allocate_through_bfc(env_value):
     #   allocator keeps no statistics, but with oneDNN (AVX-512 hosts) the CPU allocator is
     #   oneDNN's, whose statistics exist and miss small tensors; so the opt-out is judged by
     #   the log line alone.
-    import subprocess
-    import sys
-
-    from tests.support.procs import REPO, toy_env
-
-    env = toy_env()
-    env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
-    if env_value is not None:
-        env["TF_CPU_ALLOCATOR_USE_BFC"] = env_value
-    env.update(TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="process_state=2")
-    out = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = allocator_probes[env_value]
     assert out.returncode == 0, out.stderr[-2000:]
     uses_bfc = re.search(r"Using BFCAllocator .* for ProcessState CPU allocator", out.stderr) is not None
     in_use = out.stdout.split()[-1]

@@ -74,6 +74,31 @@ def lenet_run(mnist, tmp_path_factory):
     return Run(path, results, steps, stopped)
 
 
+XLA_TEST = "test_xla_training_of_a_net_that_max_pools"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def xla_process(request, mnist, tmp_path_factory):
+    """The run of `test_xla_training_of_a_net_that_max_pools`, in a process of its own: started with
+    the module (when that test is selected), it starts TensorFlow and compiles while the runs in this
+    process train, and the test waits for it. Yields `(process, run folder, its stderr file)`."""
+    if not any(item.name == XLA_TEST and item.module is request.module for item in request.session.items):
+        yield None
+        return
+    run = tmp_path_factory.mktemp("xla") / "run"
+    argv = [*lenet_args(mnist, run), "--compile", "on", "--num_replicas", "1", "--accum", "1", "--train_epoch", "1"]
+    with open(run.parent / "stderr.txt", "w+", encoding="utf-8") as err:
+        proc = subprocess.Popen([sys.executable, "train_cifar.py", *argv], cwd=ROOT,
+                                env=dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2"),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        try:
+            yield proc, run, err
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def cifar_run(cifar, tmp_path_factory):
     path = tmp_path_factory.mktemp("resnet8") / "run"
@@ -392,15 +417,13 @@ def test_train_imagenet_ekg_streams_subsets_and_memory_bank(imagenet_ekg_run):
     assert not (step / "knowledge.npy").exists()
 
 
-def test_xla_training_of_a_net_that_max_pools(mnist, tmp_path):
+def test_xla_training_of_a_net_that_max_pools(xla_process):
     # `--compile on` (the default on a GPU) for LeNet-5 and every ImageNet ResNet: XLA has no
     # deterministic max-pool gradient, so an XLA run must not turn op determinism on. A fresh
     # process, as a user runs it: determinism cannot be turned off in this one once a test set it.
-    run = tmp_path / "run"
-    argv = [*lenet_args(mnist, run), "--compile", "on", "--num_replicas", "1", "--accum", "1", "--train_epoch", "1"]
-    proc = subprocess.run([sys.executable, "train_cifar.py", *argv],
-                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2"),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc, run, err = xla_process
+    proc.wait(timeout=600)
+    err.seek(0)
+    assert proc.returncode == 0, err.read()[-2000:]
     results = json.loads((run / "results.json").read_text())
     assert results["count"] == 8 and 0 <= results["top1"] <= 1
