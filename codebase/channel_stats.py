@@ -27,7 +27,6 @@ for `cp`, the pruned and the full net for `cpr` (compensating the error accumula
 from __future__ import annotations
 
 import dataclasses
-import functools
 import zlib
 
 import numpy as np
@@ -35,6 +34,7 @@ import tensorflow as tf
 
 from nets.layers import Conv2d
 from nets.sites import Record
+from op_utils.traced import fresh_function
 from utils.errors import ConfigError
 
 
@@ -247,9 +247,7 @@ class Sampler:
                                      count=tf.shape(xv)[0])
             return out
 
-        # A new function per call, counted as its own for TensorFlow's retracing warning (a partial
-        # has no code object of its own; see op_utils.traced).
-        step = tf.function(functools.partial(step), reduce_retracing=True)
+        step = fresh_function(step, reduce_retracing=True)
         sums: dict = {}
         for index, images in enumerate(batches):
             for key, parts in step(tf.constant(images), tf.constant(index, tf.int64)).items():

@@ -54,8 +54,10 @@ def measure_latency(net, batch_size: int, input_shape, runs: int, xla: bool) -> 
     import numpy as np
     import tensorflow as tf
 
+    from op_utils.traced import fresh_function
+
     x = tf.random.normal([batch_size, *input_shape])
-    forward = tf.function(lambda images: net(images, training=False), jit_compile=xla)
+    forward = fresh_function(lambda images: net(images, training=False), jit_compile=xla)
     forward(x).numpy()  # trace and warm up
     times = []
     for _ in range(runs):

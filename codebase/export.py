@@ -28,6 +28,7 @@ import tensorflow as tf
 from codebase import tflite
 from nets.deploy import baked
 from nets.layers import FC, Conv2d, DepthwiseConv2d
+from op_utils.traced import fresh_function
 from utils.atomic import atomic_write_bytes
 from utils.errors import ConfigError
 
@@ -46,8 +47,8 @@ class Deployable(tf.Module):
         self.net = net
         self.input_shape = input_shape(net)
         spec = tf.TensorSpec([None, *self.input_shape], tf.float32, name=INPUT)
-        self._logits = tf.function(lambda images: net(images, training=False), input_signature=[spec])
-        self.serve = tf.function(lambda images: {OUTPUT: self._logits(images)}, input_signature=[spec])
+        self._logits = fresh_function(lambda images: net(images, training=False), input_signature=[spec])
+        self.serve = fresh_function(lambda images: {OUTPUT: self._logits(images)}, input_signature=[spec])
 
     @property
     def __call__(self):

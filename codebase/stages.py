@@ -27,6 +27,7 @@ from codebase.context import finite
 from nets import slim
 from nets.layers import BatchNorm
 from op_utils.task import Classify
+from op_utils.traced import fresh_function
 from utils.atomic import atomic_write_json
 from utils.logs import get_logger
 
@@ -60,7 +61,8 @@ def recalibrate_bn(net, batches, max_batches: int = 20) -> int:
             images = tf.convert_to_tensor(batch[0])
             if step is None:
                 shape = [None, *images.shape[1:]]
-                step = tf.function(lambda x: net(x, training=True), input_signature=[tf.TensorSpec(shape, images.dtype)])
+                step = fresh_function(lambda x: net(x, training=True),
+                                      input_signature=[tf.TensorSpec(shape, images.dtype)])
             rate.assign(1.0 - i / (i + 1))  # the fraction the eager, momentum-based version moved by
             step(images)
             count += 1

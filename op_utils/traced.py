@@ -1,4 +1,4 @@
-"""`instance_function`: a `tf.function` of one object's method, counted as that object's own.
+"""`instance_function` and `fresh_function`: `tf.function`s counted as their own for retracing warnings.
 
 TensorFlow warns when "5 out of the last 5 calls to <function> triggered tf.function retracing",
 and it keys that count by the method's *code*, so that a model rebuilt in a loop is caught.
@@ -17,3 +17,10 @@ import tensorflow as tf
 def instance_function(method, **kwargs):
     """`tf.function(method, **kwargs)` whose retracing is counted per instance (see above)."""
     return tf.function(functools.partial(method.__func__, method.__self__), **kwargs)
+
+
+def fresh_function(fn, **kwargs):
+    """`tf.function(fn, **kwargs)` counted on its own: for a function (often a lambda or closure)
+    made anew at each call of the code that makes it (one per net, per stage), which TensorFlow
+    would otherwise count with every earlier one made by the same code."""
+    return tf.function(functools.partial(fn), **kwargs)

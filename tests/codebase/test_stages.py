@@ -95,3 +95,16 @@ def test_a_net_without_batchnorm_is_left_as_it_is():
     before = lenet.get_params()
     assert recalibrate(lenet, [(np.zeros((2, 28, 28, 1), np.float32), np.zeros(2))]) == 0
     assert all(np.array_equal(v, before[k]) for k, v in lenet.get_params().items())
+
+
+def test_recalibrating_many_nets_in_one_process_never_warns_of_retracing(caplog):
+    """A run re-estimates BN after every pruning, and a process runs many steps (a chain, a test
+    session): each call's function is its own, so TensorFlow's "5 out of the last N calls ...
+    triggered tf.function retracing" warning (which the run's log would hold) never fires."""
+    batches = [(np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype(np.float32),)]
+    with caplog.at_level("WARNING", logger="tensorflow"):
+        for seed in range(7):
+            net = TwoConvBN()
+            randomise(net, seed=seed)
+            recalibrate_bn(net, batches)
+    assert not [r for r in caplog.records if "retracing" in r.getMessage()]
