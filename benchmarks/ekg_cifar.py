@@ -20,6 +20,9 @@ For every seed, each method is a run of the toolkit's own scripts, in its own pr
   remastered variant) to the same target, sampling ``--cp_batches`` batches of 128 training images per
   group, then the same fine-tuning budget. ``cpr_converged``: ``cpr`` with ISTA run to convergence
   (``--cpr_ista_lr 1 --cpr_ista_iters 300``; PocketFlow's 100 steps of 1e-2 barely leave the random start).
+* ``dcp``: ``--method dcp`` (discrimination-aware channel pruning) to the same target on a budget that
+  fits here: ``--dcp_block_steps`` block-wise steps per stage, ``--dcp_layer_steps`` per choice of
+  ``--dcp_chunk`` channels (PocketFlow: 10,000, 500 and 1), then the same fine-tuning budget.
 * ``ekg_ce_ft``: the ``ekg`` run's slimmed net given that same long plain-CE fine-tuning, so that the
   sub-networks of EKG and L1 are compared at the long budget too.
 
@@ -59,7 +62,8 @@ FINETUNE = ["--learning_rate", "0.01", "--weight_decay", "5e-4", "--decay_points
 # a lasso strong enough (`--resrep_lambda`) for masked rows to decay within the short run.
 RESREP = ["--no-resrep_streams", "--resrep_before_mask", "0.5", "--resrep_interval", "2",
           "--resrep_granularity", "16"]
-METHODS = ("ekg", "ekg_ce", "l1", "random", "resrep", "resrep_ft", "l1_ft", "ekg_ce_ft", "cp", "cpr", "cpr_converged")
+METHODS = ("ekg", "ekg_ce", "l1", "random", "resrep", "resrep_ft", "l1_ft", "ekg_ce_ft", "cp", "cpr", "cpr_converged",
+           "dcp")
 
 
 def run_child(argv: list, log_path: str) -> dict:
@@ -163,6 +167,9 @@ def one_run(method: str, seed: int, args, out: str) -> dict:
             extra = [*target, "--search_batch_size", "128", "--cp_batches", str(args.cp_batches)]
         if method == "cpr_converged":  # ISTA run to convergence instead of PocketFlow's 100 steps of 1e-2
             method, extra = "cpr", [*extra, "--cpr_ista_lr", "1", "--cpr_ista_iters", "300"]
+        if method == "dcp":  # PocketFlow's algorithm on a budget: short fine-tunings, channels added 4 at a time
+            extra = [*target, "--search_batch_size", "128", "--dcp_block_steps", str(args.dcp_block_steps),
+                     "--dcp_layer_steps", str(args.dcp_layer_steps), "--dcp_chunk", str(args.dcp_chunk)]
         if method == "resrep":
             extra = [*RESREP, "--resrep_target", str(args.target), "--resrep_epoch", str(args.resrep_epochs),
                      "--resrep_lambda", str(args.resrep_lambda)]
@@ -242,6 +249,11 @@ def main(argv=None):
                         help="resrep_ft, l1_ft, ekg_ce_ft: fine-tuning epochs")
     parser.add_argument("--cp_batches", type=int, default=4,
                         help="cp / cpr: batches of 128 training images sampled per group (PocketFlow: 30)")
+    parser.add_argument("--dcp_block_steps", type=int, default=40,
+                        help="dcp: block-wise fine-tuning steps per stage (PocketFlow: 10,000)")
+    parser.add_argument("--dcp_layer_steps", type=int, default=10,
+                        help="dcp: layer-wise fine-tuning steps per choice (PocketFlow: 500)")
+    parser.add_argument("--dcp_chunk", type=int, default=4, help="dcp: channels added per choice (PocketFlow: 1)")
     parser.add_argument("--latency_runs", type=int, default=20)
     parser.add_argument("--out", default="runs/ekg_bench")
     args = parser.parse_args(argv)

@@ -208,6 +208,14 @@ class StepContext:
     def optim_with(self, **changes) -> OptimConfig:
         return dataclasses.replace(self.optim, **changes)
 
+    def optim_for_steps(self, steps: int, **changes) -> OptimConfig:
+        """This step's optimisation with `changes`, for `steps` optimizer steps in epochs no longer than
+        this step's (the training set's, or `--steps_per_epoch`), each on its own epoch of data. The
+        count is rounded up by fewer steps than it takes epochs (10,000 steps of 390-step epochs: 26
+        epochs of 385 steps)."""
+        epochs = -(-int(steps) // self.ctx.steps_per_epoch(self.optim))
+        return self.optim_with(train_epoch=epochs, steps_per_epoch=-(-int(steps) // epochs), **changes)
+
 
 def finite(logs: dict) -> dict:
     """Plain Python numbers for JSON (integers stay integers)."""

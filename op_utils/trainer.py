@@ -218,7 +218,7 @@ class Trainer:
         # One micro-step traced as a function: its outputs' signature gives the zeros the
         # sums start from (the extras' names are only known after a call), and the loop
         # body calls it, so the model appears once in the graph that XLA compiles.
-        micro_step = tf.function(self._micro_step).get_concrete_function(take(0))
+        micro_step = tf.function(self._micro_step, autograph=False).get_concrete_function(take(0))
         zeros = tf.nest.map_structure(lambda t: tf.zeros(t.shape, t.dtype),
                                       micro_step.structured_outputs)
 

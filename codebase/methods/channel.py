@@ -58,13 +58,27 @@ STATE = "cp_state.npz"
 
 
 @dataclasses.dataclass(frozen=True)
-class CPOptions(FlopsTarget, Batched):
-    """Channel pruning's options (PocketFlow's defaults where it has them)."""
+class ChannelRatios(FlopsTarget, Batched):
+    """How many channels each pruned group keeps: the options shared by `cp`, `cpr` and `dcp`."""
 
     cp_protocol: str = option("target", "kept channels per group: target (--search_target_rate of the FLOPs), "
                                         "uniform (--cp_preserve_ratio) or list (--cp_ratio_file)", choices=PROTOCOLS)
     cp_preserve_ratio: float = option(0.5, "fraction of each pruned group's channels kept (--cp_protocol uniform)")
     cp_ratio_file: Optional[str] = option(None, "JSON {group key: preserve ratio} (--cp_protocol list)")
+
+    def validate(self, **context) -> None:
+        super().validate(**context)
+        fraction("cp_preserve_ratio", self.cp_preserve_ratio)
+        if (self.cp_protocol == "list") != (self.cp_ratio_file is not None):
+            raise ConfigError("--cp_ratio_file goes with --cp_protocol list, and list needs it")
+        if self.cp_ratio_file is not None and not os.path.isfile(self.cp_ratio_file):
+            raise ConfigError(f"--cp_ratio_file {self.cp_ratio_file} does not exist")
+
+
+@dataclasses.dataclass(frozen=True)
+class CPOptions(ChannelRatios):
+    """Channel pruning's options (PocketFlow's defaults where it has them)."""
+
     cp_streams: bool = option(True, "also prune residual streams as groups (--no-cp_streams: only the groups "
                                      "inside blocks, as PocketFlow)")
     cp_points_per_image: int = option(10, "sampled output positions per image and conv")
@@ -76,15 +90,10 @@ class CPOptions(FlopsTarget, Batched):
 
     def validate(self, **context) -> None:
         super().validate(**context)
-        fraction("cp_preserve_ratio", self.cp_preserve_ratio)
         positive(cp_points_per_image=self.cp_points_per_image, cp_batches=self.cp_batches, cp_alpha=self.cp_alpha,
                  cp_list_group=self.cp_list_group, cp_tune_lr=self.cp_tune_lr)
         if self.cp_tune_steps < 0:
             raise ConfigError(f"--cp_tune_steps must be >= 0, got {self.cp_tune_steps}")
-        if (self.cp_protocol == "list") != (self.cp_ratio_file is not None):
-            raise ConfigError("--cp_ratio_file goes with --cp_protocol list, and list needs it")
-        if self.cp_ratio_file is not None and not os.path.isfile(self.cp_ratio_file):
-            raise ConfigError(f"--cp_ratio_file {self.cp_ratio_file} does not exist")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +112,7 @@ class CPROptions(CPOptions):
                  cpr_lstsq_lr=self.cpr_lstsq_lr, cpr_lstsq_iters=self.cpr_lstsq_iters)
 
 
-def kept_counts(net, problems: list, opts: CPOptions) -> dict:
+def kept_counts(net, problems: list, opts: ChannelRatios) -> dict:
     """`{group key: channels kept}` of every pruned group under `--cp_protocol`."""
     sizes = {p.group: net.groups[p.group].size for p in problems}
     if opts.cp_protocol == "uniform":
@@ -237,8 +246,8 @@ class _ChannelPruning(PruneMethod):
         for key, group in net.groups.items():
             if group.masked:
                 tuned.groups[key].mask.assign(group.mask)
-        optim = step.optim_with(optimizer="adam", learning_rate=opts.cp_tune_lr, schedule="constant", train_epoch=1,
-                                steps_per_epoch=opts.cp_tune_steps, warmup_epochs=0.0)
+        optim = step.optim_for_steps(opts.cp_tune_steps, optimizer="adam", learning_rate=opts.cp_tune_lr,
+                                     schedule="constant", warmup_epochs=0.0)
         step.train(Classify(tuned), f"tune{index}", optim_cfg=optim, evaluate=False)
         net.set_params(tuned.get_params())
 

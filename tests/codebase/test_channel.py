@@ -9,13 +9,11 @@ import pytest
 
 import nets
 import train_cifar
-from codebase.artifacts import save_net
 from codebase.budget import FlopsBudget
 from codebase.channel_stats import Sampler, problems
 from codebase.methods.channel import ChannelPruning, CPOptions, CPROptions, RemasteredChannelPruning, kept_counts
-from tests.support.data import write_cifar10
 from tests.support.nets import assert_close_to_scale, randomise
-from tests.support.runs import Crash, assert_same_params
+from tests.support.runs import Crash, assert_same_params, resnet8_start
 from utils.errors import ConfigError
 
 
@@ -117,10 +115,8 @@ def test_the_remastered_sampler_reads_inputs_from_the_pruned_net_and_targets_fro
 
 
 # === A layer-by-layer pruning resumed in the middle ===
-def _args(root, run, *extra):
-    return ["--method", "cp", "--arch", "ResNet-8", "--dataset", "cifar10", "--data_path", str(root / "data"),
-            "--trained_param", str(root / "start.pkl"), "--train_path", str(run), "--train_epoch", "1",
-            "--steps_per_epoch", "1", "--batch_size", "8", "--val_batch_size", "8", "--search_batch_size", "8",
+def _args(start, run, *extra):
+    return [*start, "--train_path", str(run),
             "--cp_batches", "2", "--cp_points_per_image", "4", "--search_target_rate", "0.7",
             "--cp_list_group", "3", "--cp_tune_steps", "1", *extra]
 
@@ -128,17 +124,13 @@ def _args(root, run, *extra):
 @pytest.fixture(scope="module")
 def whole(tmp_path_factory):
     root = tmp_path_factory.mktemp("cp")
-    write_cifar10(root, per_batch=8, num_test=8)
-    (root / "cifar-10-batches-py").rename(root / "data")
-    net = nets.build("ResNet-8", masked=False)
-    randomise(net)
-    save_net(net, str(root / "start.pkl"))
-    results = train_cifar.main(_args(root, root / "whole"))
-    return root, results
+    start = resnet8_start(root, "cp")
+    results = train_cifar.main(_args(start, root / "whole"))
+    return root, start, results
 
 
 def test_group_tuning_runs_between_groups_of_layers(whole):
-    root, results = whole
+    root, start, results = whole
     step = root / "whole" / "1-cp"
     info = json.loads((step / "prune_results.json").read_text())
     # 5 groups, 3 at a time: one tuning phase, after the 3rd.
@@ -150,7 +142,7 @@ def test_group_tuning_runs_between_groups_of_layers(whole):
 
 
 def test_a_pruning_resumed_after_its_fourth_group_ends_where_an_uninterrupted_one_ends(whole, monkeypatch):
-    root, results = whole
+    root, start, results = whole
     run = root / "resumed"
     real, pruned = ChannelPruning._prune_group, []
 
@@ -162,10 +154,10 @@ def test_a_pruning_resumed_after_its_fourth_group_ends_where_an_uninterrupted_on
 
     monkeypatch.setattr(ChannelPruning, "_prune_group", crashing)
     with pytest.raises(Crash):
-        train_cifar.main(_args(root, run))
+        train_cifar.main(_args(start, run))
     pruned.clear()
     monkeypatch.setattr(ChannelPruning, "_prune_group", lambda *a: (pruned.append(a[2].group), real(*a))[1])
-    resumed = train_cifar.main(_args(root, run, "--resume"))
+    resumed = train_cifar.main(_args(start, run, "--resume"))
     assert pruned == ["BasicBlock2.0/conv1"]  # only what was left
     assert resumed["widths"] == results["widths"]
     assert_same_params(run / "trained_params.pkl", root / "whole" / "trained_params.pkl")

@@ -39,6 +39,8 @@ SMOKE = {
     "cpr": ("ResNet-8", ["--cp_protocol", "uniform", "--cp_preserve_ratio", "0.5", "--search_batch_size", "16",
                           "--cp_batches", "1", "--cp_points_per_image", "4", "--cp_list_group", "3",
                           "--cp_tune_steps", "1"]),
+    "dcp": ("ResNet-8", ["--cp_protocol", "uniform", "--cp_preserve_ratio", "0.25", "--search_batch_size", "16",
+                          "--dcp_stages", "1", "--dcp_block_steps", "1", "--dcp_layer_steps", "1", "--dcp_chunk", "4"]),
     "ws": ("LeNet-5", ["--ws_sparsity", "0.5", "--ws_update_every", "1", "--ws_protocol", "heurist"]),
     "uq": ("LeNet-5", ["--uq_weight_bits", "4", "--uq_activation_bits", "8", "--uq_buckets", "channel",
                        "--export", "tflite_fp32", "saved_model"]),
@@ -97,7 +99,7 @@ def test_every_method_runs_end_to_end(method_run, data, capsys):
     assert lines and not [line for line, n in collections.Counter(lines).items() if n > 1]
     assert not [line for line in lines if "retracing" in line]
     assert results["ekg_flops"] <= results["full_ekg_flops"]
-    if method in ("l1", "random", "ekg", "resrep", "cp", "cpr"):
+    if method in ("l1", "random", "ekg", "resrep", "cp", "cpr", "dcp"):
         assert results["ekg_flops"] < results["full_ekg_flops"] and results["before_finetune_top1"] >= 0
     # The final net is the last step's; test.py reads it (its spec gives the architecture) and agrees.
     assert (run / "trained_params.pkl").read_bytes() == (run / steps[-1] / "trained_params.pkl").read_bytes()

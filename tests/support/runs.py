@@ -1,4 +1,5 @@
-"""What the pipeline tests read in a run: the training steps taken, folder digests, error lines."""
+"""What the pipeline tests read in a run: the training steps taken, folder digests, error lines; and the
+tiny ResNet-8 start the layer-by-layer pruning tests share."""
 
 import contextlib
 import dataclasses
@@ -8,7 +9,11 @@ import pathlib
 import numpy as np
 import pytest
 
+import nets
+from codebase.artifacts import save_net
 from op_utils.trainer import Trainer
+from tests.support.data import write_cifar10
+from tests.support.nets import randomise
 from utils.params_io import load_params
 
 
@@ -69,3 +74,17 @@ class Run:
     results: dict
     steps: list = dataclasses.field(default_factory=list)
     stopped: dict = dataclasses.field(default_factory=dict)  # see `lenet_run`
+
+
+def resnet8_start(root: pathlib.Path, method: str) -> list:
+    """Writes tiny CIFAR-10 (`root/data`, 40 training images) and a randomised ResNet-8
+    (`root/start.pkl`); returns the flags of a `method` run from it with one step per epoch and
+    batches of 8 (add `--train_path` and the method's options)."""
+    write_cifar10(root, per_batch=8, num_test=8)
+    (root / "cifar-10-batches-py").rename(root / "data")
+    net = nets.build("ResNet-8", masked=False)
+    randomise(net)
+    save_net(net, str(root / "start.pkl"))
+    return ["--method", method, "--arch", "ResNet-8", "--dataset", "cifar10", "--data_path", str(root / "data"),
+            "--trained_param", str(root / "start.pkl"), "--train_epoch", "1", "--steps_per_epoch", "1",
+            "--batch_size", "8", "--val_batch_size", "8", "--search_batch_size", "8"]

@@ -80,7 +80,7 @@ class _TracedOnce:
     the search's many distinct segment functions for one function traced many times."""
 
     def __init__(self, fn, *signature):
-        self._fn, self._signature, self._concrete = tf.function(fn), signature, None
+        self._fn, self._signature, self._concrete = tf.function(fn, autograph=False), signature, None
 
     def __call__(self, *args):
         if self._concrete is None:
