@@ -81,7 +81,8 @@ def stage_plan(net, stages: int) -> tuple:
     return heads, {key: i // per for i, key in enumerate(convs)}
 
 
-def _save_state(path: str, net, heads: list, done: list) -> None:
+def _save_state(path: str, net, heads: list, done: dict) -> None:
+    """`done`: `{"stages": [stage indices tuned], "groups": [group keys chosen]}`."""
     arrays = {f"param/{k}": v for k, v in net.get_params().items()}
     arrays.update({f"mask/{k}": g.mask_numpy() for k, g in net.groups.items() if g.masked})
     for i, head in enumerate(heads):
@@ -122,23 +123,25 @@ class DiscriminationAwarePruning(PruneMethod):
             heads = [AuxHead(net.layers[key].out_group.size, ctx.info.num_classes, step.run.seed + i, f"head{i}")
                      for i, key in enumerate(heads_at)]
         state = step.path(STATE)
-        done = _load_state(state, net, heads) if step.run.resume and os.path.exists(state) else []
-        if done:
-            log.info("dcp: resumed after %s", done[-1])
+        done = _load_state(state, net, heads) if step.run.resume and os.path.exists(state) else \
+            {"stages": [], "groups": []}
+        if done["stages"]:
+            log.info("dcp: resumed after %d block-wise fine-tunings and %d groups", len(done["stages"]),
+                     len(done["groups"]))
         start, groups = time.time(), []
         for stage in range(len(heads) + 1):
             head, site = (heads[stage], f"{heads_at[stage]}:out") if stage < len(heads) else (None, None)
-            if f"stage{stage}" not in done:
+            if stage not in done["stages"]:
                 if opts.dcp_block_steps:
                     step.train(StageTune(net, head, site), f"stage{stage}", optim_cfg=self._adam(opts.dcp_block_steps),
                                evaluate=False)
-                done.append(f"stage{stage}")
+                done["stages"].append(stage)
                 _save_state(state, net, heads, done)
             for problem in (p for p in problems if stage_of[p.convs[0]] == stage):
                 group, keep = net.groups[problem.group], counts[problem.group]
-                if problem.group not in done:
+                if problem.group not in done["groups"]:
                     self._choose(net, full, problem, keep, head, site)
-                    done.append(problem.group)
+                    done["groups"].append(problem.group)
                     _save_state(state, net, heads, done)
                 groups.append({"group": problem.group, "kept": keep, "size": group.size, "stage": stage})
                 log.info("dcp: stage %d: %s keeps %d of %d channels", stage, problem.group, keep, group.size)
