@@ -213,6 +213,13 @@ def table(entries: list) -> str:
     return "\n".join(rows)
 
 
+def percent_mean_sd(fractions) -> str:
+    """`"mean +- sd"` in percent (sample sd; 0 for one value)."""
+    values = [100 * v for v in fractions]
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} +- {sd:.2f}"
+
+
 def summary(entries: list) -> str:
     rows = ["| method | runs | top-1 before FT (mean +- sd) | top-1 after FT (mean +- sd) | FLOPs rate (mean) |",
             "|---|---:|---:|---:|---:|"]
@@ -220,14 +227,8 @@ def summary(entries: list) -> str:
         group = [e for e in entries if e["method"] == method]
         if not group:
             continue
-
-        def stat(values):
-            values = [v * 100 for v in values]
-            sd = statistics.stdev(values) if len(values) > 1 else 0.0
-            return f"{statistics.mean(values):.2f} +- {sd:.2f}"
-
-        rows.append(f"| {method} | {len(group)} | {stat([e['before_finetune_top1'] for e in group])} "
-                    f"| {stat([e['top1'] for e in group])} | {statistics.mean(e['flops_rate'] for e in group):.4f} |")
+        rows.append(f"| {method} | {len(group)} | {percent_mean_sd([e['before_finetune_top1'] for e in group])} "
+                    f"| {percent_mean_sd([e['top1'] for e in group])} | {statistics.mean(e['flops_rate'] for e in group):.4f} |")
     return "\n".join(rows)
 
 

@@ -25,7 +25,7 @@ import statistics
 import time
 
 from common import host, run_child
-from ekg_cifar import FINETUNE, read, step_dir
+from ekg_cifar import FINETUNE, percent_mean_sd, read, step_dir
 
 METHODS = ("cp", "l1")
 
@@ -62,13 +62,8 @@ def table(saved: dict) -> str:
         group = [e for e in saved["runs"] if e["method"] == method]
         if not group:
             continue
-
-        def stat(values):
-            values = [100 * v for v in values]
-            return f"{statistics.mean(values):.2f} +- {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
-
-        rows.append(f"| {method} | {len(group)} | {stat(e['before_finetune_top1'] for e in group)} "
-                    f"| {stat(e['top1'] for e in group)} | {statistics.mean(e['flops_rate'] for e in group):.4f} "
+        rows.append(f"| {method} | {len(group)} | {percent_mean_sd([e['before_finetune_top1'] for e in group])} "
+                    f"| {percent_mean_sd([e['top1'] for e in group])} | {statistics.mean(e['flops_rate'] for e in group):.4f} "
                     f"| {group[0]['params'] / 1e6:.3f} M |")
     return "\n".join(rows)
 

@@ -171,3 +171,27 @@ def load_net(arch: str | None, path: str, masked: bool = False, data_stats=None,
         except ValueError as err:
             raise ParamsError(str(err)) from None
     return net
+
+
+def save_pruning_state(path: str, net, progress: dict, extra: dict | None = None) -> None:
+    """A layer-by-layer pruning's state, atomically, as plain arrays (no pickle): the net's params and
+    masks, `extra` arrays (`{name: ndarray}`, e.g. auxiliary heads) and `progress` (JSON-able)."""
+    arrays = {f"param/{k}": v for k, v in net.get_params().items()}
+    arrays.update({f"mask/{k}": g.mask_numpy() for k, g in net.groups.items() if g.masked})
+    arrays.update({f"extra/{k}": v for k, v in (extra or {}).items()})
+    arrays["progress"] = np.array(json.dumps(progress))
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_pruning_state(path: str, net) -> tuple:
+    """Restores `net`'s params and masks from `save_pruning_state`; returns `(progress, extra)`."""
+    with np.load(path, allow_pickle=False) as data:
+        if "progress" not in data.files:
+            raise ConfigError(f"{path} is not a pruning state this version wrote: delete it to prune from the start")
+        net.set_params({k[len("param/"):]: data[k] for k in data.files if k.startswith("param/")})
+        for key in data.files:
+            if key.startswith("mask/"):
+                net.groups[key[len("mask/"):]].mask.assign(data[key])
+        extra = {k[len("extra/"):]: data[k] for k in data.files if k.startswith("extra/")}
+        return json.loads(str(data["progress"])), extra

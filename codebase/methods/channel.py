@@ -34,7 +34,6 @@ statistics re-estimated on training images, and it is fine-tuned (or distilled: 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Optional
@@ -42,12 +41,12 @@ from typing import Optional
 import numpy as np
 
 from codebase import channel_stats, lasso
+from codebase.artifacts import load_pruning_state, save_pruning_state
 from codebase.budget import FlopsBudget
 from codebase.methods.base import register
 from codebase.methods.pruning import Batched, FlopsTarget, PruneMethod
 from codebase.options import fraction, json_object, option, positive
 from op_utils.task import Classify
-from utils.atomic import atomic_open
 from utils.errors import ConfigError
 from utils.logs import get_logger
 
@@ -142,24 +141,6 @@ def _ratio_file(path: str, sizes: dict) -> dict:
     return {k: float(ratios[k]) for k in sizes}
 
 
-def _save_state(path: str, net, done: list, tunes: int) -> None:
-    arrays = {f"param/{k}": v for k, v in net.get_params().items()}
-    arrays.update({f"mask/{k}": g.mask_numpy() for k, g in net.groups.items() if g.masked})
-    arrays["done"] = np.array(json.dumps({"done": done, "tunes": tunes}))
-    with atomic_open(path, "wb") as f:
-        np.savez(f, **arrays)
-
-
-def _load_state(path: str, net) -> tuple:
-    with np.load(path, allow_pickle=False) as data:
-        net.set_params({k[len("param/"):]: data[k] for k in data.files if k.startswith("param/")})
-        for key in data.files:
-            if key.startswith("mask/"):
-                net.groups[key[len("mask/"):]].mask.assign(data[key])
-        state = json.loads(str(data["done"]))
-    return state["done"], state["tunes"]
-
-
 class _ChannelPruning(PruneMethod):
     Options = CPOptions
     targets_from_full = False  # cpr: targets from the unpruned net (else from the net pruned so far)
@@ -185,7 +166,8 @@ class _ChannelPruning(PruneMethod):
         problems = channel_stats.problems(net, streams=opts.cp_streams)
         counts = kept_counts(net, problems, opts)
         state = step.path(STATE)
-        done, tunes = _load_state(state, net) if self.step.run.resume and os.path.exists(state) else ([], 0)
+        progress = load_pruning_state(state, net)[0] if self.step.run.resume and os.path.exists(state) else {}
+        done, tunes = progress.get("done", []), progress.get("tunes", 0)
         if done:
             log.info("%s: resumed after %d of %d groups", self.name, len(done), len(problems))
         images = self._batches()
@@ -196,14 +178,14 @@ class _ChannelPruning(PruneMethod):
             if opts.cp_tune_steps and done and len(done) % every == 0 and len(done) // every > tunes:
                 self._tune(net, tunes)  # between two groups of layers (after a resume, if it had not run)
                 tunes += 1
-                _save_state(state, net, done, tunes)
+                save_pruning_state(state, net, {"done": done, "tunes": tunes})
             chunk = todo[:every - len(done) % every]
             for problem in chunk:
                 began = time.time()
                 stats = self.sampler(net, full).collect([problem], images)[problem.group]
                 self._prune_group(net, problem, stats, counts[problem.group])
                 done.append(problem.group)
-                _save_state(state, net, done, tunes)
+                save_pruning_state(state, net, {"done": done, "tunes": tunes})
                 timings[problem.group] = time.time() - began
                 log.info("%s: %s keeps %d of %d channels (%d/%d)", self.name, problem.group, counts[problem.group],
                          net.groups[problem.group].size, len(done), len(problems))

@@ -28,22 +28,20 @@ statistics re-estimated, and it is fine-tuned on the final loss alone (or distil
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
 import time
 
-import numpy as np
 
 from codebase import channel_stats
+from codebase.artifacts import load_pruning_state, save_pruning_state
 from codebase.dcp_tasks import REC_LOSSES, AuxHead, ChannelChoice, StageTune
 from codebase.methods.base import register
 from codebase.methods.channel import ChannelRatios, kept_counts
 from codebase.methods.pruning import PruneMethod
 from codebase.options import option, positive
 from nets.layers import Conv2d
-from utils.atomic import atomic_open
 from utils.errors import ConfigError
 from utils.logs import get_logger
 
@@ -83,24 +81,15 @@ def stage_plan(net, stages: int) -> tuple:
 
 def _save_state(path: str, net, heads: list, done: dict) -> None:
     """`done`: `{"stages": [stage indices tuned], "groups": [group keys chosen]}`."""
-    arrays = {f"param/{k}": v for k, v in net.get_params().items()}
-    arrays.update({f"mask/{k}": g.mask_numpy() for k, g in net.groups.items() if g.masked})
+    extra = {f"head{i}/{k}": v for i, head in enumerate(heads) for k, v in head.get_params().items()}
+    save_pruning_state(path, net, done, extra)
+
+
+def _load_state(path: str, net, heads: list) -> dict:
+    done, extra = load_pruning_state(path, net)
     for i, head in enumerate(heads):
-        arrays.update({f"head{i}/{k}": v for k, v in head.get_params().items()})
-    arrays["done"] = np.array(json.dumps(done))
-    with atomic_open(path, "wb") as f:
-        np.savez(f, **arrays)
-
-
-def _load_state(path: str, net, heads: list) -> list:
-    with np.load(path, allow_pickle=False) as data:
-        net.set_params({k[len("param/"):]: data[k] for k in data.files if k.startswith("param/")})
-        for key in data.files:
-            if key.startswith("mask/"):
-                net.groups[key[len("mask/"):]].mask.assign(data[key])
-        for i, head in enumerate(heads):
-            head.set_params({k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(f"head{i}/")})
-        return json.loads(str(data["done"]))
+        head.set_params({k.split("/", 1)[1]: v for k, v in extra.items() if k.startswith(f"head{i}/")})
+    return done
 
 
 @register("dcp")
