@@ -9,8 +9,7 @@ own) keeps the warning for what it is meant to catch: one object's function trac
 
 Both trace without AutoGraph (`autograph=False`, unless asked): the toolkit's traced code uses
 Python control flow only on Python values, and `tf.while_loop` / `tf.cond` where a tensor decides,
-so converting every function a trace reaches (nets, tasks, optimizers) only costs time: about a
-sixth of the CPU time of a test run that traces many trainers.
+so converting every function a trace reaches (nets, tasks, optimizers) would only add tracing time.
 """
 from __future__ import annotations
 
