@@ -67,7 +67,7 @@ class ChannelRatios(FlopsTarget, Batched):
 
     def validate(self, **context) -> None:
         super().validate(**context)
-        fraction("cp_preserve_ratio", self.cp_preserve_ratio)
+        fraction("cp_preserve_ratio", self.cp_preserve_ratio, high_open=False)
         if (self.cp_protocol == "list") != (self.cp_ratio_file is not None):
             raise ConfigError("--cp_ratio_file goes with --cp_protocol list, and list needs it")
         if self.cp_ratio_file is not None and not os.path.isfile(self.cp_ratio_file):

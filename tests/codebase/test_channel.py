@@ -30,6 +30,7 @@ def test_kept_counts_per_protocol(tmp_path):
     sizes = {p.group: net.groups[p.group].size for p in found}
     uniform = kept_counts(net, found, CPOptions(cp_protocol="uniform", cp_preserve_ratio=0.3))
     assert uniform == {k: max(1, round(0.3 * n)) for k, n in sizes.items()}
+    assert kept_counts(net, found, CPOptions(cp_protocol="uniform", cp_preserve_ratio=1.0)) == sizes  # (0, 1]
     # The FLOPs target is met as L1 meets it, on the groups channel pruning prunes (the classifier's input stays).
     target = kept_counts(net, found, CPOptions(search_target_rate=0.6))
     budget = FlopsBudget(net)

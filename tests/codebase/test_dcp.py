@@ -104,7 +104,7 @@ def test_chunks_add_several_channels_per_choice_and_the_last_chunk_fills_the_cou
     ({"dcp_chunk": 0}, "--dcp_chunk must be positive, got 0"),
     ({"dcp_layer_steps": 0}, "--dcp_layer_steps must be positive, got 0"),
     ({"dcp_block_steps": -1}, "--dcp_block_steps must be >= 0, got -1"),
-    ({"cp_preserve_ratio": 1.5}, r"--cp_preserve_ratio must be in \(0, 1\), got 1.5"),
+    ({"cp_preserve_ratio": 1.5}, r"--cp_preserve_ratio must be in \(0, 1\], got 1.5"),
 ])
 def test_bad_options_are_one_line_naming_the_flag(flags, message):
     with pytest.raises(ConfigError, match=message):
@@ -113,7 +113,7 @@ def test_bad_options_are_one_line_naming_the_flag(flags, message):
 
 def _args(start, run, *extra):
     return [*start, "--train_path", str(run),
-            "--cp_protocol", "uniform", "--cp_preserve_ratio", "0.25", "--dcp_stages", "1", "--dcp_block_steps", "0",
+            "--cp_protocol", "uniform", "--cp_preserve_ratio", "0.25", "--dcp_stages", "1", "--dcp_block_steps", "1",
             "--dcp_layer_steps", "2", "--dcp_chunk", "4", *extra]
 
 
@@ -136,11 +136,13 @@ def test_every_group_is_chosen_in_its_stage_in_order(whole):
         ("BasicBlock0.0/conv1", 4, 0), ("BasicBlock1.0/conv1", 8, 1), ("BasicBlock2.0/conv1", 16, 1)]
     assert results["widths"] == {"BasicBlock0.0/conv1": 4, "BasicBlock1.0/conv1": 8, "BasicBlock2.0/conv1": 16,
                                  "stem": 16, "stage1": 32, "stage2": 64}
-    # Trainings, in order (no block-wise fine-tuning: --dcp_block_steps 0; the smoke run in test_methods has
-    # them): the three groups' choices (1, 2 and 4 choices of 4 channels, 2 steps each), then the fine-tuning.
-    assert steps == [*range(1, 3), *range(1, 5), *range(1, 9), 1]
+    # Trainings, in order: stage 0's block-wise fine-tuning (1 step), its group's choice (1 choice of 4
+    # channels, 2 steps), stage 1's fine-tuning, its two groups' choices (2 and 4 choices), then the fine-tuning.
+    # (The smoke run in test_methods chooses over 2 replicas, without block-wise fine-tuning.)
+    assert steps == [1, *range(1, 3), 1, *range(1, 5), *range(1, 9), 1]
     assert sorted(p.name for p in step.iterdir() if p.is_dir()) == [
-        "choose_BasicBlock0.0_conv1", "choose_BasicBlock1.0_conv1", "choose_BasicBlock2.0_conv1", "finetune"]
+        "choose_BasicBlock0.0_conv1", "choose_BasicBlock1.0_conv1", "choose_BasicBlock2.0_conv1", "finetune",
+        "stage0", "stage1"]
 
 
 def test_a_pruning_resumed_in_the_middle_of_a_choice_ends_where_an_uninterrupted_one_ends(whole):

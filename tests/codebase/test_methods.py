@@ -40,7 +40,7 @@ SMOKE = {
                           "--cp_batches", "1", "--cp_points_per_image", "4", "--cp_list_group", "3",
                           "--cp_tune_steps", "1"]),
     "dcp": ("ResNet-8", ["--cp_protocol", "uniform", "--cp_preserve_ratio", "0.25", "--search_batch_size", "16",
-                          "--dcp_stages", "1", "--dcp_block_steps", "1", "--dcp_layer_steps", "1", "--dcp_chunk", "4"]),
+                          "--dcp_stages", "1", "--dcp_block_steps", "0", "--dcp_layer_steps", "1", "--dcp_chunk", "16"]),
     "ws": ("LeNet-5", ["--ws_sparsity", "0.5", "--ws_update_every", "1", "--ws_protocol", "heurist"]),
     "uq": ("LeNet-5", ["--uq_weight_bits", "4", "--uq_activation_bits", "8", "--uq_buckets", "channel",
                        "--export", "tflite_fp32", "saved_model"]),
