@@ -38,8 +38,9 @@ class RunConfig(Options):
     arch: str = option("ResNet-56", "network, e.g. ResNet-56, ResNet-50, MobileNetV2, VGG-16, LeNet-5")
     dataset: str = option("cifar10", "cifar10, cifar100, imagenet or mnist")
     data_path: Optional[str] = option(None, "dataset folder or archive (default: download through tf.keras.datasets)")
-    image_size: Optional[int] = option(None, "ImageNet: train and test at this input size (crop; evaluation resize in "
-                                             "the standard 224:256 proportion; default 224)")
+    image_size: Optional[int] = option(None, "input height and width, at least 8: imagenet crops to it (evaluation "
+                                             "resize in the standard 224:256 proportion; default 224), mnist resizes "
+                                             "its 28x28 images to it (e.g. 32 for the 32x32 LeNet-5 of Lopes et al.)")
     train_path: str = option("runs/resnet56_cifar10", "output folder: config.json, log.txt, one folder per step, "
                                                       "results.json, the final trained_params.pkl",
                              run_control=True)  # a run folder may be moved before it is resumed
@@ -300,11 +301,17 @@ def validate(cfg: Config) -> Config:
 
 def dataset_options(dataset: str, image_size: Optional[int]) -> dict:
     """The `build_dataset` options of `--image_size`: ImageNet's crop, and its evaluation resize in
-    the standard 224:256 proportion; none without the flag. Raises ConfigError for another dataset."""
+    the standard 224:256 proportion; MNIST's resize; none without the flag. Raises ConfigError for
+    another dataset and for a size below 8."""
     if image_size is None:
         return {}
-    if str(dataset).strip().lower() != "imagenet":
-        raise ConfigError(f"--image_size applies to --dataset imagenet only, not {dataset}")
+    key = str(dataset).strip().lower()
+    if key not in ("imagenet", "mnist"):
+        raise ConfigError(f"--image_size applies to --dataset imagenet or mnist, not {dataset}")
+    if image_size < 8:
+        raise ConfigError(f"--image_size must be at least 8, got {image_size}")
+    if key == "mnist":
+        return dict(image_size=image_size)
     return dict(image_size=image_size, resize_size=round(image_size * 256 / 224))
 
 

@@ -1,7 +1,8 @@
 """`Net`: the base every registered network builds on.
 
 A net declares its channel groups and layers in `__init__` (in code, never by matching names)
-and writes its forward pass in `forward`. The base gives it, for free:
+and writes its forward pass in `forward`; a net with dropout names the layer inputs it drops
+out in training calls (`dropout_sites()`, empty by default). The base gives it, for free:
 
 * params as `{"scope/var:0": ndarray}` dicts in the EKG pickle naming (`get_params`/`set_params`);
 * a width spec (`widths()`: active channels per prunable group) that, with `arch`, `config`
@@ -114,6 +115,11 @@ class Net(tf.Module):
         """The forward pass; calls `self.site(tap, ...)` wherever a group's activations are final
         and at every block output."""
         raise NotImplementedError
+
+    def dropout_sites(self) -> dict:
+        """`{"<layer key>:in": rate}`: the `layer_in` sites whose input a training call drops out
+        (inverted dropout at `rate`), in forward order; only rates > 0, `{}` without dropout."""
+        return {}
 
     def segments(self) -> list:
         """The forward pass as a chain of `Segment`s; one segment unless a net splits it."""

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import train_cifar
-from codebase.config import Config, OptimConfig, RunConfig, load_config, make_config, parse_config
+from codebase.config import Config, OptimConfig, RunConfig, dataset_options, load_config, make_config, parse_config
 from codebase.methods import get_method, method_names
 from utils.errors import ConfigError
 
@@ -86,12 +86,26 @@ def test_help_lists_every_option_under_its_method(capsys):
     (["--trained_param", "/nonexistent/params.pkl"], "--trained_param /nonexistent/params.pkl does not exist"),
     (["--method", "ekg", "--resrep_lambda", "0.1"], "--resrep_lambda is an option of --method resrep, which this run"),
     (["--method", "ekg,magic"], "unknown --method 'magic'"),
-    (["--image_size", "64"], "--image_size applies to --dataset imagenet only"),
+    (["--image_size", "64"], "--image_size applies to --dataset imagenet or mnist, not cifar10"),
+    (["--dataset", "mnist", "--image_size", "7"], "--image_size must be at least 8, got 7"),
 ])
 def test_bad_values_are_one_line_config_errors(flags, message):
     with pytest.raises(ConfigError, match=message) as err:
         parse_config(flags, SCRIPT)
     assert "\n" not in str(err.value)
+
+
+def test_image_size_is_imagenets_crop_and_mnists_resize():
+    assert dataset_options("mnist", 32) == {"image_size": 32}
+    assert dataset_options("ImageNet", 64) == {"image_size": 64, "resize_size": 73}
+    assert dataset_options("cifar10", None) == {}
+    for dataset in ("cifar10", "cifar100"):
+        with pytest.raises(ConfigError, match=f"--image_size applies to --dataset imagenet or mnist, not {dataset}"):
+            dataset_options(dataset, 32)
+    with pytest.raises(ConfigError, match="--image_size must be at least 8"):
+        dataset_options("imagenet", 4)
+    cfg = parse_config(["--dataset", "mnist", "--arch", "LeNet-5-32", "--image_size", "32"], SCRIPT)
+    assert cfg.run.image_size == 32
 
 
 def test_a_steps_list_must_agree_with_the_method_flag(tmp_path):

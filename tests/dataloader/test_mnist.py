@@ -132,3 +132,47 @@ def test_keras_fallback(monkeypatch):
     dataset = build_dataset("mnist")
     assert dataset.train_arrays()[0].shape == (6, 28, 28, 1)
     assert dataset.info.num_test == 2
+
+
+def test_image_size_resizes_every_split_once_at_load_time(tmp_path):
+    fake = fakes.write_mnist(tmp_path, num_train=6, num_test=4, gz=False)
+    constant = np.full((4, 28, 28), 77, np.uint8)
+    fake.files["t10k-images-idx3-ubyte"].write_bytes(fakes.idx_bytes(constant, 2051))
+    dataset = Mnist(tmp_path, image_size=32)
+    assert dataset.info.image_shape == (32, 32, 1)
+    images, labels = dataset.train_arrays()
+    assert images.shape == (6, 32, 32, 1) and images.dtype == np.uint8
+    np.testing.assert_array_equal(labels, fake.train.labels)
+    # Bilinear with antialiasing, rounded back to uint8.
+    want = tf.image.resize(fake.train.images, (32, 32), method="bilinear", antialias=True).numpy()
+    np.testing.assert_array_equal(images, np.clip(np.rint(want), 0, 255).astype(np.uint8))
+    assert not np.array_equal(images[:, 2:30, 2:30], fake.train.images)  # resized, not padded
+    # A constant image stays constant; the pipeline normalises the resized pixels.
+    test_images, test_labels = dataset.test_arrays()
+    np.testing.assert_array_equal(test_images, np.full((4, 32, 32, 1), 77, np.uint8))
+    np.testing.assert_array_equal(test_labels, fake.test.labels)
+    batch, _ = next(iter(dataset.test(8)))
+    np.testing.assert_allclose(batch.numpy(), (77 / 255.0 - 0.1307) / 0.3081, rtol=1e-5)
+    assert dataset.test_arrays()[0] is test_images  # read and resized once
+
+
+def test_shift_augmentation_crops_at_the_resized_size(tmp_path):
+    fakes.write_mnist(tmp_path, num_train=4, num_test=2)
+    dataset = Mnist(tmp_path, max_shift=2, image_size=32)
+    shifted = next(iter(dataset.train(4, 0, 0)))[0].numpy()
+    plain = next(iter(dataset.train(4, 0, 0, augment=False)))[0].numpy()
+    assert shifted.shape == plain.shape == (4, 32, 32, 1)
+    background = (0 - 0.1307 * 255) / (0.3081 * 255)
+    padded = np.pad(plain[0], [(2, 2), (2, 2), (0, 0)], constant_values=background)
+    assert any(np.allclose(padded[y : y + 32, x : x + 32], shifted[0]) for y in range(5) for x in range(5))
+    with pytest.raises(ConfigError, match="image_size must be positive"):
+        Mnist(tmp_path, image_size=0)
+
+
+def test_keras_fallback_is_resized_too(monkeypatch):
+    x = np.full((3, 28, 28), 200, np.uint8)
+    y = np.arange(3, dtype=np.uint8)
+    monkeypatch.setattr(tf.keras.datasets.mnist, "load_data", lambda: ((x, y), (x[:2], y[:2])))
+    dataset = build_dataset("mnist", image_size=32)
+    np.testing.assert_array_equal(dataset.train_arrays()[0], np.full((3, 32, 32, 1), 200, np.uint8))
+    assert dataset.test_arrays()[0].shape == (2, 32, 32, 1) and dataset.info.num_test == 2

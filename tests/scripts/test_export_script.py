@@ -108,7 +108,7 @@ def test_a_sparse_export_of_one_format_prints_a_summary(saved, cifar, tmp_path, 
     (["--sparse", "maybe"], "error: --sparse must be one of auto, on, off"),
     (["--representative_images", "0"], "error: --representative_images must be positive"),
     (["--int8_io", "--formats", "tflite_fp32"], "error: --int8_io applies to --formats tflite_int8"),
-    (["--image_size", "64"], "error: --image_size applies to --dataset imagenet only"),
+    (["--image_size", "64"], "error: --image_size applies to --dataset imagenet or mnist, not cifar10"),
 ])
 def test_bad_input_is_one_line_naming_the_flag_and_writes_nothing(extra, message, saved, cifar, tmp_path, capsys):
     (tmp_path / "FILE").write_text("not a folder")

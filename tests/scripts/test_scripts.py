@@ -357,7 +357,7 @@ def test_a_bad_config_file_is_one_clear_line(content, message, tmp_path, capsys)
     (["--search_cache_mb", "64"], "--search_cache_mb is an option of --method ekg, which this run does not use"),
     (["--method", "l1,kd", "--kd_weight", "-1"], "--kd_weight must be >= 0"),
     (["--batch_size", "6", "--accum", "4"], "multiple of"),
-    (["--image_size", "32"], "--image_size applies to --dataset imagenet only"),
+    (["--image_size", "32"], "--image_size applies to --dataset imagenet or mnist, not cifar10"),
     (["--arch", "ResNet-7"], "unknown --arch"),
     (["--method", "magic"], "unknown --method"),
     (["--trained_param", "/nonexistent.pkl"], "does not exist"),

@@ -32,6 +32,9 @@ SMALL = {
 # * MobileNetV2 (no depth setting): 16x16 inputs, as the ImageNet nets run at 64x64 in `SMALL`;
 #   every stride still halves a map (the last one is 2x2).
 # Tests of registered depths and figures (output shapes, complexity, compactor counts) keep `small_net`.
+# A net registered with dropout (hinton-1200) runs without it in its lean config (`lean_config`):
+# these tests compare two training-mode forward passes (masked and slimmed, padded and slimmed),
+# which random dropout masks would make differ; tests/nets/test_mlp.py tests the dropout itself.
 LEAN = {
     "ResNet-20A": dict(blocks=[1, 1, 1]),
     "ResNet-18": dict(blocks=[1, 1, 1, 1]),
@@ -83,8 +86,11 @@ def small_net(arch, **kwargs):
 
 
 def lean_config(arch):
-    """The config overrides of `lean_net(arch)` (pass them to `nets.build_from_params`)."""
-    return {**SMALL.get(arch, {}), **LEAN.get(arch, {})}
+    """The config overrides of `lean_net(arch)` (pass them to `nets.build_from_params`): `SMALL`,
+    `LEAN`, and no dropout."""
+    _, _, defaults = lookup(arch)
+    no_dropout = {"dropout": [0.0] * len(defaults["dropout"])} if "dropout" in defaults else {}
+    return {**SMALL.get(arch, {}), **LEAN.get(arch, {}), **no_dropout}
 
 
 def lean_net(arch, **kwargs):
