@@ -116,10 +116,10 @@ def finetune(step, source: str, make_task=None, data_fn=None, stage: str = "fine
     step.save(net)
 
 
-def test(step) -> dict:
-    """Evaluate the step's output; write and return `<step>/results.json`."""
+def test(step, arch: str | None = None) -> dict:
+    """Evaluate the step's output (an `arch`, default `--arch`); write and return `<step>/results.json`."""
     ctx = step.ctx
-    net = ctx.load_net(step.output)
+    net = ctx.load_net(step.output, arch=arch)
     pruned = {}
     if os.path.exists(step.path(PRUNE_RESULTS)):
         with open(step.path(PRUNE_RESULTS)) as f:

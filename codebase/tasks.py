@@ -16,13 +16,17 @@ from op_utils.task import LossOut, Task, inputs_labels
 CONVENTIONS = ("hinton", "pocketflow")
 
 
-def kd_loss(teacher_logits, student_logits, labels, weight: float, temperature: float, convention: str):
+def kd_loss(teacher_logits, student_logits, labels, weight: float, temperature: float, convention: str,
+            ce_weight: float = 1.0):
     """`(per-example loss, ce, kd)` of knowledge distillation.
 
     * `hinton`: `CE(y, s) + weight * T^2 * KL(softmax(t/T) || softmax(s/T))` (Hinton et al.).
     * `pocketflow`: `CE(y, s) + weight * CE(softmax(t/T), softmax(s/T))`, no `T^2` (PocketFlow's
       `--enbl_dst`, which used weight 4 and T 4): the same gradient as `hinton` with weight
       `weight / T^2`, and a logged term that includes the teacher's entropy.
+
+    `ce_weight` scales the label term (0: the soft targets alone, as data-free distillation
+    trains, its labels being only the classes the images were made for).
     """
     labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
     ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, student_logits)
@@ -32,7 +36,7 @@ def kd_loss(teacher_logits, student_logits, labels, weight: float, temperature: 
         kd = soft_cross_entropy(teacher_logits, student_logits, temperature)
     else:
         raise ValueError(f"unknown KD convention {convention!r}; known: {', '.join(CONVENTIONS)}")
-    return ce + weight * kd, ce, kd
+    return ce_weight * ce + weight * kd, ce, kd
 
 
 class Distill(Task):
@@ -40,15 +44,17 @@ class Distill(Task):
 
     Args:
         student, teacher: classifiers with the same classes, called as `net(x, training)`.
-        weight, temperature, convention: see `kd_loss`.
+        weight, temperature, convention, ce_weight: see `kd_loss`.
     """
 
-    def __init__(self, student, teacher, weight: float, temperature: float, convention: str = "hinton"):
+    def __init__(self, student, teacher, weight: float, temperature: float, convention: str = "hinton",
+                 ce_weight: float = 1.0):
         super().__init__(name="distill")
         if convention not in CONVENTIONS:
             raise ValueError(f"unknown KD convention {convention!r}; known: {', '.join(CONVENTIONS)}")
         self.student, self.teacher = student, teacher
         self.weight, self.temperature, self.convention = float(weight), float(temperature), convention
+        self.ce_weight = float(ce_weight)
 
     def variables_to_train(self):
         return list(self.student.trainable_variables)
@@ -58,7 +64,7 @@ class Distill(Task):
         logits = self.student(images, training=training)
         teacher = tf.stop_gradient(self.teacher(images, training=False))
         per_example, ce, kd = kd_loss(tf.cast(teacher, tf.float32), tf.cast(logits, tf.float32), labels,
-                                      self.weight, self.temperature, self.convention)
+                                      self.weight, self.temperature, self.convention, self.ce_weight)
         return LossOut(per_example, {"ce": ce, "kd": kd}, logits, labels)
 
     @property

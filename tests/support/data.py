@@ -196,7 +196,7 @@ def idx_bytes(array: np.ndarray, magic: int) -> bytes:
 
 
 def write_mnist(folder, num_train: int = 30, num_test: int = 20, gz: bool = True,
-                seed: int = 0) -> FakeData:
+                seed: int = 0, balanced: bool = False) -> FakeData:
     """Writes the four official MNIST IDX files into ``folder``.
 
     Args:
@@ -215,7 +215,7 @@ def write_mnist(folder, num_train: int = 30, num_test: int = 20, gz: bool = True
     splits, files = {}, {}
     for split, prefix, n in (("train", "train", num_train), ("test", "t10k", num_test)):
         images = random_images(n, (28, 28), seed + n)
-        labels = rng.integers(0, 10, n).astype(np.int64)
+        labels = (rng.permutation(np.arange(n) % 10) if balanced else rng.integers(0, 10, n)).astype(np.int64)
         for kind, array, magic in (("images-idx3", images, 2051), ("labels-idx1", labels, 2049)):
             name = f"{prefix}-{kind}-ubyte"
             data = idx_bytes(array, magic)
