@@ -100,7 +100,8 @@ class Reconstruct(Task):
         def constant(name, value):
             return tf.Variable(np.asarray(value, np.float32), trainable=False, name=name)
 
-        self.layer_targets = {s: constant("target", t) for s, t in (layer_targets or {}).items()}
+        # The layer objectives compare relu(t): fixed targets, so rectified once here.
+        self.layer_targets = {s: constant("target", np.maximum(t, 0.0)) for s, t in (layer_targets or {}).items()}
         self.spectral = {g: (list(s), constant("basis", u), constant("target", t))
                          for g, (s, u, t) in (spectral or {}).items()}
         self.dropout = {s: (constant("mask", m / keep)) for s, (m, keep) in (dropout or {}).items()}
@@ -134,7 +135,7 @@ class Reconstruct(Task):
         else:
             sites = self.sites[-1:] if self.objective == "top_layer" else self.sites
             weights = [1.0] if self.objective == "top_layer" else [1.0 / self._size(s) for s in sites]
-            objective = tf.add_n([w * tf.reduce_mean(tf.square(tf.nn.relu(tf.gather(self.layer_targets[s], index))
+            objective = tf.add_n([w * tf.reduce_mean(tf.square(tf.gather(self.layer_targets[s], index)
                                                                - tf.nn.relu(values[s])), axis=1)
                                   for w, s in zip(weights, sites)])
         return LossOut(self.scale * objective, {"objective": objective, **extras}, logits, labels)

@@ -204,8 +204,11 @@ class DataFreeKD(Method):
             dfkd_data.save_shard(path, task.images.numpy(), labels)
             report["shards"].append({"shard": shard, "images": n, "seconds": seconds, "mean_objective": logs.get("objective"),
                                      "teacher_top1": logs.get("top1")})
-            done = [s for s in report["shards"]]
-            report["images_per_second"] = sum(s["images"] for s in done) / max(sum(s["seconds"] for s in done), 1e-9)
+            done = report["shards"]
+            seconds_all = max(sum(s["seconds"] for s in done), 1e-9)
+            report["images_per_second"] = sum(s["images"] for s in done) / seconds_all  # each after --dfkd_steps
+            report["image_steps_per_second"] = report["images_per_second"] * opts.dfkd_steps
+            report["steps"] = opts.dfkd_steps
             atomic_write_json(report_path, report)
             log.info("dfkd: shard %d/%d: %d images in %.1f s (objective %.4g, teacher top-1 on them %.3f) -> %s",
                      shard + 1, plan.count, n, seconds, logs.get("objective", float("nan")),

@@ -14,7 +14,7 @@ from codebase.artifacts import save_net
 from codebase.dfkd_data import load_shard
 from tests.support.data import write_mnist
 from tests.support.nets import randomise
-from tests.support.runs import Crash, assert_same_params, error_lines, training_steps
+from tests.support.runs import Crash, assert_same_params, error_lines, resnet8_start, training_steps
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +108,21 @@ def test_bad_input_is_one_line_naming_the_problem(start, whole, tmp_path, capsys
         train_cifar.main([*flags, "--train_path", str(tmp_path / "run"), *extra])
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_bn_stats_needs_no_statistics_and_distils_a_cifar_resnet(tmp_path):
+    flags = resnet8_start(tmp_path, "dfkd")[:-2]  # without --search_batch_size
+    with training_steps() as steps:
+        results = train_cifar.main([*flags, "--train_path", str(tmp_path / "run"), "--student_arch", "ResNet-8",
+                                    "--dfkd_objective", "bn_stats", "--dfkd_steps", "2", "--dfkd_batch_size", "4",
+                                    "--dfkd_batches_per_class", "1", "--dfkd_jitter", "2", "--dfkd_init_mean", "0.45",
+                                    "--dfkd_init_std", "0.25"])
+    step = tmp_path / "run" / "1-dfkd"
+    assert not (step / "teacher_stats.npz").exists() and steps == [1, 2, 1]
+    images, labels = load_shard(str(step / "data" / "shard_000.npz"))
+    assert images.shape == (40, 32, 32, 3) and np.isfinite(images).all() and labels[:10].tolist() == list(range(10))
+    assert results["arch"] == "ResNet-8"
+    with pytest.raises(SystemExit):  # a batch of 4 does not fit a micro-batch of 40 / (2 x 4) = 5 images
+        train_cifar.main([*flags, "--train_path", str(tmp_path / "bad"), "--student_arch", "ResNet-8",
+                          "--dfkd_objective", "bn_stats", "--dfkd_batch_size", "4", "--dfkd_batches_per_class", "1",
+                          "--accum", "4", "--num_replicas", "2"])
