@@ -157,6 +157,9 @@ class DataFreeKD(Method):
             log.info("dfkd: no statistics needed (%s)", "--dfkd_data" if opts.dfkd_data else "bn_stats")
             return
         teacher = self.teacher()
+        if self.spectral_mode() and any(site.kind == "block" for site in teacher.sites()):
+            raise ConfigError(f"--dfkd_objective {opts.dfkd_objective}: {teacher.arch} has residual blocks, and the "
+                              "spectral graph chains the recorded layers (exact for MLPs, LeNets and VGG only)")
         if opts.dfkd_stats is not None:
             dfkd_stats.load_stats(opts.dfkd_stats, teacher, need_spectral=self.spectral_mode() is not None)
             log.info("dfkd: shipped statistics %s", opts.dfkd_stats)

@@ -122,6 +122,9 @@ def test_bn_stats_needs_no_statistics_and_distils_a_cifar_resnet(tmp_path):
     images, labels = load_shard(str(step / "data" / "shard_000.npz"))
     assert images.shape == (40, 32, 32, 3) and np.isfinite(images).all() and labels[:10].tolist() == list(range(10))
     assert results["arch"] == "ResNet-8"
+    with pytest.raises(SystemExit):  # the spectral graph of a net with shortcuts is not a chain
+        train_cifar.main([*flags, "--train_path", str(tmp_path / "spectral"), "--student_arch", "ResNet-8",
+                          "--dfkd_objective", "spectral_layer_pairs"])
     with pytest.raises(SystemExit):  # a batch of 4 does not fit a micro-batch of 40 / (2 x 4) = 5 images
         train_cifar.main([*flags, "--train_path", str(tmp_path / "bad"), "--student_arch", "ResNet-8",
                           "--dfkd_objective", "bn_stats", "--dfkd_batch_size", "4", "--dfkd_batches_per_class", "1",
