@@ -56,6 +56,8 @@ def dfkd_run(objective: str, seed: int, teacher_arch: str, student_arch: str, te
                "--dfkd_objective", objective, "--dfkd_steps", str(args.steps), "--dfkd_batches_per_class",
                str(args.batches_per_class), "--train_epoch", str(args.distill_epochs), "--seed", str(seed),
                "--ckpt_every_steps", "200"]
+    if args.distill_lr is not None:
+        options += ["--learning_rate", str(args.distill_lr)]
     if stats and os.path.exists(stats) and objective not in ("spectral_all_layers", "spectral_layer_pairs"):
         options += ["--dfkd_stats", stats]
     proc = run_child(["train_cifar.py", "--dataset", "mnist", "--data_path", args.data_path, "--train_path", run,
@@ -79,6 +81,8 @@ def main(argv=None):
     parser.add_argument("--batches_per_class", type=int, default=100)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--distill_epochs", type=int, default=30)
+    parser.add_argument("--distill_lr", type=float, default=None,
+                        help="Adam learning rate of the distillation (default: the method's, the original's 1e-5)")
     parser.add_argument("--smoke", action="store_true", help="tiny budgets everywhere (checks the script)")
     parser.add_argument("--out", default="runs/dfkd_bench")
     args = parser.parse_args(argv)
