@@ -24,7 +24,6 @@ import numpy as np
 import tensorflow as tf
 
 from codebase import dfkd_stats
-from nets.sites import Record
 from utils.errors import ConfigError
 from utils.logs import get_logger
 
@@ -95,16 +94,6 @@ class TargetSampler:
                 target[rows] = dfkd_stats.sample_targets(entry["mean"][c], self._factor(key, c), len(rows), seed_c)
             out[key] = target
         return out
-
-
-def site_sizes(net, names, image_shape) -> dict:
-    """`{site: units per example}` of the named sites (one eager call on a zero image)."""
-    record = Record(set(names))
-    net(tf.zeros([1, *image_shape]), training=False, tap=record)
-    missing = [n for n in names if n not in record.values]
-    if missing:
-        raise ConfigError(f"{net.arch} has no activation site {missing[0]!r}")
-    return {n: int(np.prod(record.values[n].shape[1:])) for n in names}
 
 
 def dropout_masks(rates: dict, sizes: dict, n: int, seed: int, shard: int) -> dict:

@@ -184,13 +184,12 @@ class DataFreeKD(Method):
         teacher = self.teacher()
         plan = dfkd_data.ShardPlan(ctx.info.num_classes, opts.dfkd_batch_size, opts.dfkd_batches_per_class,
                                    opts.dfkd_shard_batches)
-        inputs = self._inputs(teacher)
+        todo = [k for k in range(plan.count) if not os.path.exists(dfkd_data.shard_path(self.data_dir(), k))]
+        inputs = self._inputs(teacher) if todo else None  # the statistics are read only when there is work
         report_path = step.path(REPORT)
         report = json.load(open(report_path)) if os.path.exists(report_path) else {"shards": []}
-        for shard in range(plan.count):
+        for shard in todo:
             path = dfkd_data.shard_path(self.data_dir(), shard)
-            if os.path.exists(path):
-                continue
             n, labels = plan.size(shard), plan.labels(shard)
             self._check_split(n)
             with ctx.strategy.scope():
@@ -245,7 +244,7 @@ class DataFreeKD(Method):
         if objective == "all_layers_dropout" and not rates:
             raise ConfigError(f"--dfkd_objective all_layers_dropout: {teacher.arch} drops nothing in training "
                               "(a teacher trained with dropout, such as hinton-1200, is needed)")
-        sizes = dfkd_data.site_sizes(teacher, list(rates), self.ctx.info.image_shape) if rates else {}
+        sizes = {k: int(np.prod(v)) for k, v in dfkd_stats.site_shapes(teacher, list(rates)).items()} if rates else {}
         if self.spectral_mode():
             graphs = {k: v for k, v in spectral.items() if (k == "all") == (self.spectral_mode() == "all_layers")}
             if not graphs:
