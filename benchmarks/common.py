@@ -3,6 +3,7 @@ toolkit script as a child process with its output appended to a log."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -29,3 +30,17 @@ def run_child(argv: list, log_path: str) -> dict:
     if code != 0:
         raise SystemExit(f"error: {' '.join(argv[:3])} ... exited with {code}; see {log_path}")
     return {"wall": time.perf_counter() - tic}
+
+
+def run_all(saved: dict, path: str, jobs, key: str, run) -> None:
+    """Run `run(seed, name)` for every `(seed, name)` of `jobs` not yet in `saved["runs"]` (matched on
+    `entry["seed"]` and `entry[key]`), appending each result and rewriting `path` atomically after
+    each: an interrupted benchmark continues where it stopped."""
+    for seed, name in jobs:
+        if any(e[key] == name and e["seed"] == seed for e in saved["runs"]):
+            continue
+        print(f"{time.strftime('%H:%M:%S')} {name} seed {seed} (load {os.getloadavg()[0]:.2f})", flush=True)
+        saved["runs"].append(run(seed, name))
+        with open(path + ".tmp", "w") as f:
+            json.dump(saved, f, indent=1)
+        os.replace(path + ".tmp", path)

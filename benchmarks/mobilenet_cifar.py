@@ -22,9 +22,8 @@ import argparse
 import json
 import os
 import statistics
-import time
 
-from common import host, run_child
+from common import host, run_all, run_child
 from ekg_cifar import FINETUNE, percent_mean_sd, read, step_dir
 
 METHODS = ("cp", "l1")
@@ -85,15 +84,8 @@ def main(argv=None):
     saved = json.load(open(path)) if os.path.exists(path) else {"runs": [], "host": host()}
     base = base_run(args)
     saved["base_top1"] = read(os.path.join(args.out, "base"), "results.json")["top1"]
-    for seed in args.seeds:
-        for method in METHODS:
-            if any(e["method"] == method and e["seed"] == seed for e in saved["runs"]):
-                continue
-            print(f"{time.strftime('%H:%M:%S')} {method} seed {seed} (load {os.getloadavg()[0]:.2f})", flush=True)
-            saved["runs"].append(pruned_run(method, seed, base, args))
-            with open(path + ".tmp", "w") as f:
-                json.dump(saved, f, indent=1)
-            os.replace(path + ".tmp", path)
+    run_all(saved, path, [(seed, name) for seed in args.seeds for name in METHODS], "method",
+            lambda seed, name: pruned_run(name, seed, base, args))
     print(f"unpruned MobileNetV2: top-1 {100 * saved['base_top1']:.2f}; host {saved['host']}")
     print(table(saved))
 

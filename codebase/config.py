@@ -100,12 +100,18 @@ class OptimConfig(Options):
 
     optimizer: str = option("sgd", "sgd (Nesterov momentum) or adam", choices=("sgd", "adam"))
     learning_rate: float = option(0.05, "initial learning rate")
-    schedule: str = option("step", "learning-rate schedule: step (x --decay_rate at --decay_points), cosine or "
-                                   "constant", choices=("step", "cosine", "constant"))
+    schedule: str = option("step", "learning-rate schedule: step (x --decay_rate at --decay_points), cosine, "
+                                   "constant, poly ((1 - epoch/epochs)^--poly_power) or plateau (x --plateau_factor "
+                                   "after --plateau_patience epochs without a lower training loss)",
+                           choices=("step", "cosine", "constant", "poly", "plateau"))
     decay_points: tuple[float, ...] = option((0.3, 0.6, 0.9), "fractions of training at which the learning rate is "
                                                               "multiplied by --decay_rate")
     decay_rate: float = option(0.1, "factor of each step decay")
     warmup_epochs: float = option(0.0, "linear learning-rate warm-up, in epochs")
+    poly_power: float = option(0.9, "exponent of the poly schedule")
+    plateau_factor: float = option(0.1, "plateau schedule: factor of each reduction")
+    plateau_patience: int = option(4, "plateau schedule: epochs without improvement before a reduction")
+    plateau_min_lr: float = option(1e-7, "plateau schedule: the lowest learning rate")
     weight_decay: float = option(1e-4, "L2 coefficient added to every trained variable's gradient")
     momentum: float = option(0.9, "SGD momentum")
     batch_size: int = option(128, "global batch size (all replicas and micro-batches)")
@@ -120,6 +126,10 @@ class OptimConfig(Options):
         fraction("weight_decay", self.weight_decay, low_open=False)
         fraction("momentum", self.momentum, low_open=False)
         fraction("decay_rate", self.decay_rate, high_open=False)
+        positive(poly_power=self.poly_power, plateau_patience=self.plateau_patience)
+        fraction("plateau_factor", self.plateau_factor)
+        if not self.plateau_min_lr >= 0:
+            raise ConfigError(f"--plateau_min_lr must be >= 0, got {self.plateau_min_lr}")
         if not self.warmup_epochs >= 0:
             raise ConfigError(f"--warmup_epochs must be >= 0, got {self.warmup_epochs}")
         points = list(self.decay_points)

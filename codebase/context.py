@@ -107,6 +107,11 @@ class RunContext:
             schedule = lr
         elif optim_cfg.schedule == "cosine":
             schedule = schedules.Cosine(lr, total, warmup_steps=warmup)
+        elif optim_cfg.schedule == "poly":
+            schedule = schedules.Poly(lr, total, steps_per_epoch, optim_cfg.poly_power, warmup_steps=warmup)
+        elif optim_cfg.schedule == "plateau":
+            schedule = schedules.Plateau(lr, optim_cfg.plateau_factor, optim_cfg.plateau_patience,
+                                         optim_cfg.plateau_min_lr)
         else:
             schedule = schedules.StepDecay(lr, total, optim_cfg.decay_points, optim_cfg.decay_rate,
                                            warmup_steps=warmup)
@@ -145,6 +150,9 @@ class RunContext:
         steps_per_epoch = self.steps_per_epoch(optim_cfg)
         trainer = self.trainer(task, optim_cfg, steps_per_epoch, recompute)
         eval_data = self.data.test(self.cfg.run.val_batch_size) if evaluate and task.eval_model is not None else None
+        schedule = trainer.optimizer.learning_rate
+        if isinstance(schedule, schedules.Plateau):
+            on_epoch_end = _plateau_hook(schedule, on_epoch_end)
         return loop.fit(trainer, data_fn or self.train_data_fn(optim_cfg), epochs=optim_cfg.train_epoch,
                         steps_per_epoch=steps_per_epoch, train_path=folder, eval_data=eval_data,
                         resume=self.cfg.run.resume, ckpt_every_steps=self.cfg.run.ckpt_every_steps,
@@ -215,6 +223,18 @@ class StepContext:
         epochs of 385 steps)."""
         epochs = -(-int(steps) // self.ctx.steps_per_epoch(self.optim))
         return self.optim_with(train_epoch=epochs, steps_per_epoch=-(-int(steps) // epochs), **changes)
+
+
+def _plateau_hook(schedule, on_epoch_end):
+    """`on_epoch_end` that first feeds the epoch's training loss to a plateau schedule (before the
+    epoch's checkpoint, which saves the schedule's state with the optimizer)."""
+    def hook(epoch, logs):
+        if schedule.update(float(logs.get("loss", float("nan")))):
+            log.info("plateau: learning rate reduced to %.3g after epoch %d", float(schedule.rate.numpy()), epoch + 1)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, logs)
+
+    return hook
 
 
 def finite(logs: dict) -> dict:

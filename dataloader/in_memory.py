@@ -105,6 +105,7 @@ class InMemoryDataset(Dataset):
         shard_index: int = 0,
         views: int = 1,
         with_index: bool = False,
+        subset: np.ndarray | None = None,
     ) -> tf.data.Dataset:
         """See :meth:`Dataset.train`.
 
@@ -120,19 +121,24 @@ class InMemoryDataset(Dataset):
         Each example's augmentation is seeded by (seed, epoch, its index in the set), so
         it does not depend on the sharding either.
 
+        ``subset`` (positions in the training set) restricts the epoch to those examples (a
+        training split that leaves a validation split out); indices and augmentation seeds
+        stay the examples' positions in the whole set.
+
         Raises:
             ConfigError: If the arguments are out of range or leave no complete batch.
         """
         check_batching(batch_size, num_shards, shard_index)
         images, labels = self.train_arrays()
+        positions = np.arange(len(labels)) if subset is None else np.asarray(subset, np.int64)
         global_batch = int(batch_size) * int(num_shards)
-        usable = (len(labels) // global_batch) * global_batch
+        usable = (len(positions) // global_batch) * global_batch
         if usable == 0:
             raise ConfigError(
                 f"{self.info.name}: batch size {batch_size} x {num_shards} shard(s) exceeds "
-                f"the {len(labels)} training examples"
+                f"the {len(positions)} training examples"
             )
-        order = seeds.permutation(seed, epoch, len(labels))[:usable]
+        order = positions[seeds.permutation(seed, epoch, len(positions))[:usable]]
         order = order[int(shard_index) :: int(num_shards)]
         ds = tf.data.Dataset.from_tensor_slices(
             (images[order], labels[order].astype(np.int32), order)

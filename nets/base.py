@@ -68,6 +68,9 @@ class Net(tf.Module):
         # Bookkeeping outside tf.Module's tracking (the transforms are tracked in _transforms):
         # site name -> [Transform, ...], and {name: Site} of the group and block sites.
         self._site_book = types.SimpleNamespace(transforms={}, names=None)
+        # The blocks a shunt may replace (`nets.shunt.BlockInfo`, in forward order; empty for
+        # nets without blocks), filled by a subclass as it builds them.
+        self.block_table: list = []
 
     # === Declaring the structure (used by subclasses in __init__) ===
     def group(self, key: str, size: int, prunable: bool = True) -> ChannelGroup:
@@ -216,7 +219,7 @@ class Net(tf.Module):
     def spec(self) -> dict:
         """Everything needed to rebuild this architecture: arch, config, widths and, if any,
         the saved transforms (`{"kind", "config", "targets"}`; their state: `transform_state()`)."""
-        spec = {"arch": self.arch, "config": dict(self.config), "widths": self.widths()}
+        spec = {"arch": self.arch, "config": _plain(self.config), "widths": self.widths()}
         saved = [{"kind": t.kind, "config": t.config(), "targets": list(targets)}
                  for t, targets in self.attachments() if t.saved]
         return {**spec, "transforms": saved} if saved else spec
@@ -356,3 +359,12 @@ class Net(tf.Module):
                 bns = [bn.key for bn in layers if isinstance(bn, BatchNorm) and bn.group.key == key]
                 added[key] = self.attach(Compactor(self.groups[key]), [f"{b}:out" for b in bns])
         return added
+
+
+def _plain(value):
+    """`value` with tf.Module's tracking wrappers of lists and dicts turned back into plain ones (JSON)."""
+    if hasattr(value, "keys"):  # a dict, or tf.Module's _DictWrapper (a proxy, not a Mapping)
+        return {k: _plain(value[k]) for k in value.keys()}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListWrapper":
+        return [_plain(v) for v in value]
+    return value

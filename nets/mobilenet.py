@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from nets import shunt
 from nets.base import Net
 from nets.layers import conv_bn
 from nets.registry import register
@@ -53,13 +54,16 @@ class MobileNetV2(Net):
     """
 
     def __init__(self, arch, strides=_IMAGENET_STRIDES, stem_stride=2, num_classes=1000,
-                 input_size=224, widths=None, masked=True):
+                 input_size=224, shunts=(), widths=None, masked=True):
         strides = [int(s) for s in strides]
         if len(strides) != len(_STAGES):
             raise ValueError(f"{arch}: expected {len(_STAGES)} stage strides, got {len(strides)}")
         config = dict(strides=strides, stem_stride=int(stem_stride), num_classes=num_classes,
                       input_size=input_size)
+        if shunts:
+            config["shunts"] = [dict(entry) for entry in shunts]
         super().__init__(arch, config, widths, masked)
+        runs = shunt.plan(arch, [f"block{k}" for k in range(sum(n for _, _, n in _STAGES))], shunts)
 
         # === Stem ===
         hw = (input_size, input_size)
@@ -77,7 +81,22 @@ class MobileNetV2(Net):
             for j in range(count):
                 name = f"block{k}/"
                 s = stride if j == 0 else 1
-                block = {"residual": s == 1 and in_depth == depth}
+                residual = s == 1 and in_depth == depth
+                run = shunt.covering(runs, k)
+                if run is not None:  # replaced: no layer, no group of its own
+                    if k == run.first_index:
+                        start = (stream, hw)
+                    hw = shunt.out_hw(hw, s)
+                    if not residual:
+                        stream = None  # this block would open stage i's stream: declared if the run ends here
+                    if k == run.last_index:
+                        stream = stream or self.group(f"stage{i}", depth)
+                        self.blocks.append({"name": f"block{k}", "shunt": shunt.Shunt(self, run, start[0], stream, start[1],
+                                                                                       hw)})
+                    in_depth, k = depth, k + 1
+                    continue
+                block = {"name": f"block{k}", "residual": residual}
+                self.block_table.append(shunt.BlockInfo(f"block{k}", residual, hw, shunt.out_hw(hw, s)))
                 if block["residual"]:
                     out_group = stream
                 else:
@@ -108,7 +127,11 @@ class MobileNetV2(Net):
         # followed by ReLU, not by ReLU6, a residual add or after a depthwise conv.
         x = tf.nn.relu6(conv_bn(self.stem, self.stem_bn, x, training))
         x = self.site(tap, "stem", x, self.stem.out_group, block=True)
-        for k, block in enumerate(self.blocks):
+        for block in self.blocks:
+            if "shunt" in block:
+                x = block["shunt"](self, x, training, tap)
+                x = self.site(tap, block["name"], x, block["shunt"].out_group, block=True, linear=True)
+                continue
             y = x
             if "expand" in block:
                 y = tf.nn.relu6(conv_bn(block["expand"], block["expand_bn"], y, training))
@@ -118,7 +141,7 @@ class MobileNetV2(Net):
             y = self.site(tap, block["dw_bn"].key + ":act", y, block["dw"].group)
             y = conv_bn(block["project"], block["project_bn"], y, training)
             x = x + y if block["residual"] else y  # linear bottleneck: no ReLU after the add
-            x = self.site(tap, f"block{k}", x, block["project"].out_group, block=True, linear=True)
+            x = self.site(tap, block["name"], x, block["project"].out_group, block=True, linear=True)
         x = tf.nn.relu6(conv_bn(self.head, self.head_bn, x, training))
         x = self.site(tap, "head", x, self.head.out_group, block=True)
         x = tf.reduce_mean(x, [1, 2])

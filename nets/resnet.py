@@ -20,6 +20,7 @@ import functools
 
 import tensorflow as tf
 
+from nets import shunt
 from nets.base import Net, Segment
 from nets.layers import conv_bn
 from nets.registry import register
@@ -41,10 +42,14 @@ class ResNet(Net):
     """
 
     def __init__(self, arch, blocks, bottleneck=False, imagenet_stem=False, num_classes=10,
-                 input_size=32, widths=None, masked=True):
+                 input_size=32, shunts=(), widths=None, masked=True):
         config = dict(blocks=list(blocks), bottleneck=bottleneck, imagenet_stem=imagenet_stem,
                       num_classes=num_classes, input_size=input_size)
+        if shunts:
+            config["shunts"] = [dict(entry) for entry in shunts]
         super().__init__(arch, config, widths, masked)
+        runs = shunt.plan(arch, [f"BasicBlock{i}.{j}" for i, n in enumerate(blocks) for j in range(n)], shunts)
+        self.shunt_at = {}  # index in self.blocks -> the Shunt that replaces a run ending there
         plan = _IMAGENET if imagenet_stem else _CIFAR
         expansion = 4 if bottleneck else 1
         self.imagenet_stem = imagenet_stem
@@ -62,14 +67,31 @@ class ResNet(Net):
 
         # === Stages ===
         self.blocks, self.block_names = [], []
-        in_depth = plan["depths"][0]
+        in_depth, k = plan["depths"][0], -1
         for i, (count, depth, stride) in enumerate(zip(blocks, plan["depths"], plan["strides"])):
             for j in range(count):
                 name = f"BasicBlock{i}.{j}/"
                 s = stride if j == 0 else 1
+                k += 1
+                projects = s > 1 or depth * expansion != in_depth
+                run = shunt.covering(runs, k)
+                if run is not None:  # replaced: no layer, no group of its own
+                    if k == run.first_index:
+                        start = (stream, hw)
+                    hw = shunt.out_hw(hw, s)
+                    stream = None if projects else stream  # stage i's stream: declared if the run ends here
+                    if k == run.last_index:
+                        stream = stream or self.group(f"stage{i}", depth * expansion)
+                        self.shunt_at[len(self.blocks)] = shunt.Shunt(self, run, start[0], stream, start[1], hw,
+                                                                      relu_out=True)
+                        self.blocks.append(self.shunt_at[len(self.blocks)].layers)
+                        self.block_names.append(run.last)
+                    in_depth = depth * expansion
+                    continue
+                self.block_table.append(shunt.BlockInfo(name.rstrip("/"), not projects, hw, shunt.out_hw(hw, s)))
                 block = {}
                 # Full widths decide the structure; a width spec only shrinks groups.
-                if s > 1 or depth * expansion != in_depth:
+                if projects:
                     new_stream = self.group(f"stage{i}", depth * expansion)
                     block["conv3"] = self.conv(name + "conv3", stream, new_stream, 1, hw, strides=s)
                     block["bn3"] = self.bn(name + "bn3", new_stream, block["conv3"].out_hw)
@@ -120,8 +142,16 @@ class ResNet(Net):
     def _head(self, x, training, tap=None):
         return self.fc_layer(tf.reduce_mean(x, [1, 2]))
 
+    def _shunt(self, name, replaced, x, training, tap=None):
+        return self.site(tap, name, replaced(self, x, training, tap), replaced.out_group, block=True)
+
     def segments(self):
-        return residual_segments(self, lambda i: functools.partial(self._block, self.block_names[i], self.blocks[i]))
+        def block_fn(i):
+            if i in self.shunt_at:
+                return functools.partial(self._shunt, self.block_names[i], self.shunt_at[i])
+            return functools.partial(self._block, self.block_names[i], self.blocks[i])
+
+        return residual_segments(self, block_fn)
 
     def forward(self, x, training, tap=None):
         for segment in self.segments():

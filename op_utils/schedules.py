@@ -150,3 +150,81 @@ class Cosine(_Schedule):
     def __repr__(self) -> str:
         return (f"Cosine(base_lr={self.base_lr}, total_steps={self.total_steps}, "
                 f"final_lr={self.final_lr}, warmup_steps={self.warmup_steps})")
+
+
+class Poly(_Schedule):
+    """Polynomial decay by epochs: ``base_lr * (1 - e / E) ** power`` during epoch ``e`` of ``E``
+    (the ShuntConnector's `poly` policy, which Keras applied at every epoch's end).
+
+    Args:
+        base_lr: The initial learning rate (> 0).
+        total_steps: The length of training in optimizer steps.
+        steps_per_epoch: Optimizer steps per epoch (the rate changes only between epochs).
+        power: The exponent (> 0; the original used 0.9).
+        warmup_steps: Length of the linear warm-up (0 for none).
+    """
+
+    def __init__(self, base_lr: float, total_steps: int, steps_per_epoch: int, power: float = 0.9,
+                 warmup_steps: int = 0) -> None:
+        super().__init__(base_lr, total_steps, warmup_steps)
+        self.power = _check_number("power", power, strict=True)
+        self.steps_per_epoch, _ = _check_steps(steps_per_epoch, 0)
+        self.epochs = max(1, -(-self.total_steps // self.steps_per_epoch))
+
+    def _decayed(self, step: tf.Tensor) -> tf.Tensor:
+        epoch = tf.minimum(tf.floor(step / float(self.steps_per_epoch)), float(self.epochs - 1))
+        return self.base_lr * tf.pow(1.0 - epoch / float(self.epochs), self.power)
+
+    def __repr__(self) -> str:
+        return (f"Poly(base_lr={self.base_lr}, total_steps={self.total_steps}, "
+                f"steps_per_epoch={self.steps_per_epoch}, power={self.power}, warmup_steps={self.warmup_steps})")
+
+
+class Plateau(tf.Module):
+    """The rate times ``factor`` whenever the monitored value (the epoch's training loss) has not
+    improved by ``min_delta`` for ``patience`` epochs, never below ``min_lr`` (Keras'
+    ``ReduceLROnPlateau``, which the ShuntConnector used to train its shunts).
+
+    Its state (scale, best value, epochs waited) is held in variables: a checkpoint of the
+    optimizer that owns it saves it, so a resumed run continues the same decay. ``update`` is
+    called on the host at every epoch's end (`RunContext.train` does it).
+    """
+
+    def __init__(self, base_lr: float, factor: float = 0.1, patience: int = 4, min_lr: float = 1e-7,
+                 min_delta: float = 1e-4) -> None:
+        super().__init__(name="plateau")
+        self.base_lr = _check_number("base_lr", base_lr, strict=True)
+        self.factor = _check_number("factor", factor, strict=True)
+        if self.factor >= 1.0:
+            raise ConfigError(f"plateau factor must be in (0, 1), got {factor!r}")
+        if isinstance(patience, bool) or not isinstance(patience, numbers.Integral) or patience < 1:
+            raise ConfigError(f"plateau patience must be a positive integer, got {patience!r}")
+        self.patience = int(patience)
+        self.min_lr = _check_number("min_lr", min_lr)
+        self.min_delta = _check_number("min_delta", min_delta)
+        self.rate = tf.Variable(self.base_lr, trainable=False, dtype=tf.float32, name="rate")
+        self.best = tf.Variable(math.inf, trainable=False, dtype=tf.float32, name="best")
+        self.wait = tf.Variable(0, trainable=False, dtype=tf.int64, name="wait")
+
+    def __call__(self, step: StepLike) -> tf.Tensor:
+        del step
+        return tf.identity(self.rate)
+
+    def update(self, value: float) -> bool:
+        """Record the epoch's monitored value; returns True if the rate was just reduced."""
+        if not math.isfinite(value):
+            return False
+        if value < float(self.best.numpy()) - self.min_delta:
+            self.best.assign(value)
+            self.wait.assign(0)
+            return False
+        self.wait.assign_add(1)
+        if int(self.wait.numpy()) < self.patience or float(self.rate.numpy()) <= self.min_lr:
+            return False
+        self.rate.assign(max(float(self.rate.numpy()) * self.factor, self.min_lr))
+        self.wait.assign(0)
+        return True
+
+    def __repr__(self) -> str:
+        return (f"Plateau(base_lr={self.base_lr}, factor={self.factor}, patience={self.patience}, "
+                f"min_lr={self.min_lr})")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from op_utils.schedules import Cosine, StepDecay
+from op_utils.schedules import Cosine, Plateau, Poly, StepDecay
 from utils.errors import ConfigError
 
 
@@ -81,3 +81,22 @@ def test_bad_base_rate_or_length(args):
 def test_cosine_final_rate_must_not_exceed_base():
     with pytest.raises(ConfigError):
         Cosine(0.1, 10, final_lr=0.2)
+
+
+def test_poly_decays_by_whole_epochs_to_the_last_epochs_rate():
+    schedule = Poly(0.01, total_steps=40, steps_per_epoch=10, power=0.9)
+    rates = [float(schedule(step)) for step in range(0, 45, 5)]
+    expected = [0.01 * (1 - e / 4) ** 0.9 for e in (0, 0, 1, 1, 2, 2, 3, 3, 3)]
+    np.testing.assert_allclose(rates, expected, rtol=1e-6)
+
+
+def test_plateau_cuts_the_rate_after_patience_epochs_without_improvement_and_saves_its_state(tmp_path):
+    schedule = Plateau(0.1, factor=0.1, patience=2, min_lr=2e-4)
+    cuts = [schedule.update(loss) for loss in (1.0, 0.9, 0.95, 0.91, 0.8, 0.85, 0.85, 0.9, 0.9, 0.9, 0.9)]
+    assert cuts == [False, False, False, True, False, False, True, False, True, False, False]
+    assert float(schedule(123)) == pytest.approx(2e-4)  # 0.1 -> 0.01 -> 0.001 -> the floor
+    path = tf.train.Checkpoint(schedule=schedule).write(str(tmp_path / "ckpt"))
+    again = Plateau(0.1, factor=0.1, patience=2, min_lr=2e-4)
+    tf.train.Checkpoint(schedule=again).read(path).assert_consumed()
+    assert float(again(0)) == pytest.approx(2e-4) and float(again.best.numpy()) == pytest.approx(0.8)
+    assert not again.update(float("nan"))
