@@ -23,13 +23,17 @@ def whole(tmp_path_factory):
     start = resnet8_start(root, "shunt")
     cut = start.index("--search_batch_size")
     start = start[:cut] + start[cut + 2:]  # shunt has no search
+    # The shunted net chained onto L1 pruning.
+    chain = [a if a != "shunt" else "shunt,l1" for a in start]
     with training_steps() as steps:
-        results = train_cifar.main([*start, "--train_path", str(root / "whole"), *SHUNT, "--shunt_kd_weight", "4"])
+        results = train_cifar.main([*chain, "--train_path", str(root / "whole"), *SHUNT, "--shunt_kd_weight", "4",
+                                    "--search_target_rate", "0.8", "--search_batch_size", "8"])
     return root, start, results, steps
 
 
 def test_every_stage_leaves_its_artefacts_and_the_summary_compares_the_three_nets(whole):
-    root, _, results, steps = whole
+    root, _, chained, steps = whole
+    results = chained["steps"]["1-shunt"]
     step = root / "whole" / "1-shunt"
     split = json.loads((step / "split.json").read_text())
     assert sorted(split["val"] + split["train"]) == list(range(40)) and not set(split["val"]) & set(split["train"])
@@ -38,9 +42,9 @@ def test_every_stage_leaves_its_artefacts_and_the_summary_compares_the_three_net
     placed = json.loads((step / "shunt.json").read_text())
     assert placed["shunts"] == [{"first": "BasicBlock0.0", "last": "BasicBlock1.0", "arch": 1, "expand": 16,
                                  "bottleneck": 8}]
-    # Shunt: 2 epochs of 2 steps on the training split; final: --train_epoch 1 of 2 steps.
-    assert steps == [1, 2, 3, 4, 1, 2]
-    net = load_net("ResNet-8", str(root / "whole" / "trained_params.pkl"))
+    # Shunt: 2 epochs of 2 steps on the training split; final: --train_epoch 1 of 2 steps; then L1's fine-tuning.
+    assert steps == [1, 2, 3, 4, 1, 2, 1, 2]
+    net = load_net("ResNet-8", str(step / "trained_params.pkl"))
     assert net.config["shunts"][0]["last"] == "BasicBlock1.0" and "BasicBlock0.0/conv1" not in net.groups
     assert set(results["nets"]) == {"original", "shunt_inserted", "final"}
     assert results["nets"]["final"]["ekg_flops"] == net.cost().ekg_flops
@@ -61,18 +65,14 @@ def test_a_run_resumed_in_the_middle_of_the_shunt_training_ends_where_an_uninter
         train_cifar.main([*flags, "--resume"])
     assert steps == [3, 4, 1, 2]  # from the checkpoint at the end of its first epoch
     assert_same_params(run / "1-shunt" / "shunt_inserted.pkl", root / "whole" / "1-shunt" / "shunt_inserted.pkl")
-    assert_same_params(run / "trained_params.pkl", root / "whole" / "trained_params.pkl")
+    assert_same_params(run / "trained_params.pkl", root / "whole" / "1-shunt" / "trained_params.pkl")
 
 
-def test_the_shunted_net_chains_onto_channel_pruning(whole, tmp_path):
-    root, start, _, _ = whole
-    start = [a if a != "shunt" else "shunt,l1" for a in start]
-    results = train_cifar.main([*start, "--train_path", str(tmp_path / "chain"), *SHUNT, "--search_target_rate", "0.8",
-                                "--search_batch_size", "8"])
-    net = load_net("ResNet-8", str(tmp_path / "chain" / "trained_params.pkl"))
+def test_the_shunted_net_chains_onto_channel_pruning(whole):
+    root, _, results, _ = whole
+    net = load_net("ResNet-8", str(root / "whole" / "trained_params.pkl"))
     assert net.config["shunts"][0]["first"] == "BasicBlock0.0"
-    shunted = results["steps"]["1-shunt"]
-    assert results["ekg_flops"] < shunted["ekg_flops"]
+    assert results["ekg_flops"] < results["steps"]["1-shunt"]["ekg_flops"]
     assert any(net.widths()[k] < net.full_sizes[k] for k in net.widths() if k.startswith("shunt0/"))
 
 

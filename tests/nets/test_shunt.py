@@ -11,7 +11,8 @@ from nets import shunt
 from tests.support.nets import assert_close_to_scale, random_masks, randomise
 from utils.errors import ConfigError
 
-X = tf.random.stateless_normal([2, 32, 32, 3], seed=[1, 2])
+X = tf.random.stateless_normal([2, 16, 16, 3], seed=[1, 2])
+SMALL = {"input_size": 16}  # the CIFAR nets at 16x16: the same halvings (the last map 2x2), a quarter of the work
 
 
 def block_outputs(net, x):
@@ -27,16 +28,16 @@ def block_outputs(net, x):
 
 
 @pytest.mark.parametrize("arch, first, last, kind, halvings", [
-    ("MobileNetV2", "block1", "block2", 4, 0),   # 32x32 -> 32x32, 16 -> 24 channels
-    ("MobileNetV2", "block3", "block5", 1, 1),   # 32x32 -> 16x16, 24 -> 32 channels
-    ("MobileNetV2", "block3", "block10", 1, 2),  # 32x32 -> 8x8, 24 -> 96 channels
-    ("MobileNetV2", "block2", "block16", 5, 3),  # 32x32 -> 4x4, 24 -> 320 channels
+    ("MobileNetV2", "block1", "block2", 4, 0),   # 16x16 -> 16x16, 16 -> 24 channels
+    ("MobileNetV2", "block3", "block5", 1, 1),   # 16x16 -> 8x8, 24 -> 32 channels
+    ("MobileNetV2", "block3", "block10", 1, 2),  # 16x16 -> 4x4, 24 -> 96 channels
+    ("MobileNetV2", "block2", "block16", 5, 3),  # 16x16 -> 2x2, 24 -> 320 channels
     ("ResNet-20", "BasicBlock0.1", "BasicBlock2.0", 1, 2),
     ("ResNet-20", "BasicBlock1.1", "BasicBlock1.2", 4, 0),
 ])
 def test_the_shunt_matches_the_shapes_at_both_ends_with_strides_derived_from_them(arch, first, last, kind, halvings):
-    original = nets.build(arch, masked=False)
-    shunted = nets.build(arch, masked=False, shunts=[shunt.entry(first, last, kind, expand=24, bottleneck=8)])
+    original = nets.build(arch, masked=False, **SMALL)
+    shunted = nets.build(arch, masked=False, shunts=[shunt.entry(first, last, kind, expand=24, bottleneck=8)], **SMALL)
     before, after = block_outputs(original, X), block_outputs(shunted, X)
     assert after[last].shape == before[last].shape
     names = [s.name for s in shunted.sites() if s.kind == "block"]
@@ -53,9 +54,9 @@ def test_a_shunt_built_like_the_block_it_replaces_computes_the_same_outputs():
     # MobileNetV2's block1 (CIFAR strides) is expand 16 -> 96, depthwise 3x3 stride 1, project -> 24 with
     # no residual add: exactly a one-stage shunt (arch 4) of expand 96. Given the block's weights, the
     # shunted net must compute what the original computes, at every later block and at the logits.
-    original = nets.build("MobileNetV2", masked=False)
+    original = nets.build("MobileNetV2", masked=False, **SMALL)
     randomise(original, seed=3)
-    shunted = nets.build("MobileNetV2", masked=False, shunts=[shunt.entry("block1", "block1", 4, expand=96)])
+    shunted = nets.build("MobileNetV2", masked=False, shunts=[shunt.entry("block1", "block1", 4, expand=96)], **SMALL)
     params = original.get_params()
     rename = {"shunt0/expand0": "block1/expand", "shunt0/expand0_bn": "block1/expand_bn", "shunt0/dw0": "block1/dw",
               "shunt0/dw0_bn": "block1/dw_bn", "shunt0/project0": "block1/project",
@@ -75,7 +76,7 @@ def test_a_shunt_built_like_the_block_it_replaces_computes_the_same_outputs():
                                                ("ResNet-8", "BasicBlock0.0", "BasicBlock1.0")])
 def test_a_masked_shunted_net_equals_its_slimmed_net_and_its_spec_rebuilds_it(arch, first, last, tmp_path):
     entry = shunt.entry(first, last, 1, expand=16, bottleneck=8)
-    net = nets.build(arch, masked=True, shunts=[entry])
+    net = nets.build(arch, masked=True, shunts=[entry], **SMALL)
     randomise(net, seed=1)
     random_masks(net, seed=2)
     small = nets.slim(net)
@@ -83,7 +84,7 @@ def test_a_masked_shunted_net_equals_its_slimmed_net_and_its_spec_rebuilds_it(ar
         small.widths()["shunt0/expand1"] < 16
     assert_close_to_scale(small(X), net(X))
     save_net(small, str(tmp_path / "net.pkl"))
-    again = load_net(arch, str(tmp_path / "net.pkl"))
+    again = load_net(arch, str(tmp_path / "net.pkl"), **SMALL)
     assert again.spec() == small.spec() and again.config["shunts"][0]["first"] == first
     np.testing.assert_allclose(again(X).numpy(), small(X).numpy(), rtol=1e-6, atol=1e-6)
 
