@@ -3,6 +3,7 @@
 from nets import resnet  # noqa: F401  (registers the ResNets)
 from nets import resnet_a  # noqa: F401  (registers the option-A ResNets: ResNet-20A/32A/44A/56A)
 from nets import mobilenet  # noqa: F401  (registers MobileNetV2, MobileNetV2-ImageNet)
+from nets import mobilenet_v3  # noqa: F401  (registers MobileNetV3-Small/-Large and their -ImageNet variants)
 from nets import vgg  # noqa: F401  (registers VGG-16)
 from nets import lenet  # noqa: F401  (registers LeNet-5)
 from nets import mlp  # noqa: F401  (registers MLP)

@@ -63,7 +63,8 @@ class MobileNetV2(Net):
         if shunts:
             config["shunts"] = [dict(entry) for entry in shunts]
         super().__init__(arch, config, widths, masked)
-        runs = shunt.plan(arch, [f"block{k}" for k in range(sum(n for _, _, n in _STAGES))], shunts)
+        splicer = shunt.Splicer(self, shunt.plan(arch, [f"block{k}" for k in range(sum(n for _, _, n in _STAGES))],
+                                                 shunts))
 
         # === Stem ===
         hw = (input_size, input_size)
@@ -82,17 +83,10 @@ class MobileNetV2(Net):
                 name = f"block{k}/"
                 s = stride if j == 0 else 1
                 residual = s == 1 and in_depth == depth
-                run = shunt.covering(runs, k)
-                if run is not None:  # replaced: no layer, no group of its own
-                    if k == run.first_index:
-                        start = (stream, hw)
-                    hw = shunt.out_hw(hw, s)
-                    if not residual:
-                        stream = None  # this block would open stage i's stream: declared if the run ends here
-                    if k == run.last_index:
-                        stream = stream or self.group(f"stage{i}", depth)
-                        self.blocks.append({"name": f"block{k}", "shunt": shunt.Shunt(self, run, start[0], stream, start[1],
-                                                                                       hw)})
+                if splicer.replaces(k):  # no layer, no group of its own
+                    stream, hw, made = splicer.skip(k, stream, hw, s, residual, f"stage{i}", depth)
+                    if made is not None:
+                        self.blocks.append({"name": f"block{k}", "shunt": made})
                     in_depth, k = depth, k + 1
                     continue
                 block = {"name": f"block{k}", "residual": residual}
@@ -129,8 +123,7 @@ class MobileNetV2(Net):
         x = self.site(tap, "stem", x, self.stem.out_group, block=True)
         for block in self.blocks:
             if "shunt" in block:
-                x = block["shunt"](self, x, training, tap)
-                x = self.site(tap, block["name"], x, block["shunt"].out_group, block=True, linear=True)
+                x = block["shunt"].as_block(self, block["name"], x, training, tap)
                 continue
             y = x
             if "expand" in block:

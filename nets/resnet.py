@@ -48,7 +48,8 @@ class ResNet(Net):
         if shunts:
             config["shunts"] = [dict(entry) for entry in shunts]
         super().__init__(arch, config, widths, masked)
-        runs = shunt.plan(arch, [f"BasicBlock{i}.{j}" for i, n in enumerate(blocks) for j in range(n)], shunts)
+        splicer = shunt.Splicer(self, shunt.plan(arch, [f"BasicBlock{i}.{j}" for i, n in enumerate(blocks)
+                                                       for j in range(n)], shunts), relu_out=True)
         self.shunt_at = {}  # index in self.blocks -> the Shunt that replaces a run ending there
         plan = _IMAGENET if imagenet_stem else _CIFAR
         expansion = 4 if bottleneck else 1
@@ -74,18 +75,12 @@ class ResNet(Net):
                 s = stride if j == 0 else 1
                 k += 1
                 projects = s > 1 or depth * expansion != in_depth
-                run = shunt.covering(runs, k)
-                if run is not None:  # replaced: no layer, no group of its own
-                    if k == run.first_index:
-                        start = (stream, hw)
-                    hw = shunt.out_hw(hw, s)
-                    stream = None if projects else stream  # stage i's stream: declared if the run ends here
-                    if k == run.last_index:
-                        stream = stream or self.group(f"stage{i}", depth * expansion)
-                        self.shunt_at[len(self.blocks)] = shunt.Shunt(self, run, start[0], stream, start[1], hw,
-                                                                      relu_out=True)
-                        self.blocks.append(self.shunt_at[len(self.blocks)].layers)
-                        self.block_names.append(run.last)
+                if splicer.replaces(k):  # no layer, no group of its own
+                    stream, hw, made = splicer.skip(k, stream, hw, s, not projects, f"stage{i}", depth * expansion)
+                    if made is not None:
+                        self.shunt_at[len(self.blocks)] = made
+                        self.blocks.append(made.layers)
+                        self.block_names.append(made.run.last)
                     in_depth = depth * expansion
                     continue
                 self.block_table.append(shunt.BlockInfo(name.rstrip("/"), not projects, hw, shunt.out_hw(hw, s)))
@@ -142,13 +137,10 @@ class ResNet(Net):
     def _head(self, x, training, tap=None):
         return self.fc_layer(tf.reduce_mean(x, [1, 2]))
 
-    def _shunt(self, name, replaced, x, training, tap=None):
-        return self.site(tap, name, replaced(self, x, training, tap), replaced.out_group, block=True)
-
     def segments(self):
         def block_fn(i):
             if i in self.shunt_at:
-                return functools.partial(self._shunt, self.block_names[i], self.shunt_at[i])
+                return functools.partial(self.shunt_at[i].as_block, self, self.block_names[i])
             return functools.partial(self._block, self.block_names[i], self.blocks[i])
 
         return residual_segments(self, block_fn)

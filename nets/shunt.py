@@ -175,6 +175,10 @@ class Shunt:
                 x = net.site(tap, stage["project_bn"].key + ":act", x, stage["project"].out_group, linear=True)
         return tf.nn.relu(x) if self.relu_out else x
 
+    def as_block(self, net, name: str, x, training, tap=None):
+        """The shunt's output emitted as the block site `name` (the replaced run's last block)."""
+        return net.site(tap, name, self(net, x, training, tap), self.out_group, block=True, linear=not self.relu_out)
+
 
 def out_hw(hw, stride: int) -> tuple:
     """The spatial size after a SAME-padded conv of `stride` (for skipped blocks)."""
@@ -191,3 +195,37 @@ class BlockInfo:
     residual: bool
     in_hw: tuple
     out_hw: tuple
+
+
+class Splicer:
+    """Builds a net's shunts while the net builds its blocks in order: `net.block_table`'s blocks that
+    a run replaces are passed to `skip` instead of being built.
+
+    Args:
+        net: the net being built.
+        runs: its `ShuntRun`s (`plan`).
+        relu_out: the shunts end in a ReLU (the net's blocks do).
+    """
+
+    def __init__(self, net, runs, relu_out: bool = False):
+        self.net, self.runs, self.relu_out = net, list(runs), relu_out
+        self._start = None
+
+    def replaces(self, k: int) -> bool:
+        return covering(self.runs, k) is not None
+
+    def skip(self, k: int, stream, hw, stride: int, residual: bool, group_key: str, depth: int):
+        """Pass over replaced block `k` (which would read `stream` at `hw`, have `stride`, add its input
+        when `residual`, else open group `group_key` of `depth` channels): returns `(stream, hw,
+        shunt)`, the shunt being built at the run's last block (None before). A stream the run
+        opens is declared only if the run ends on it."""
+        run = covering(self.runs, k)
+        if k == run.first_index:
+            self._start = (stream, tuple(hw))
+        hw = out_hw(hw, stride)
+        stream = stream if residual else None
+        if k != run.last_index:
+            return stream, hw, None
+        stream = stream or self.net.group(group_key, depth)
+        made = Shunt(self.net, run, self._start[0], stream, self._start[1], hw, relu_out=self.relu_out)
+        return stream, hw, made

@@ -32,6 +32,7 @@ def block_outputs(net, x):
     ("MobileNetV2", "block3", "block5", 1, 1),   # 16x16 -> 8x8, 24 -> 32 channels
     ("MobileNetV2", "block3", "block10", 1, 2),  # 16x16 -> 4x4, 24 -> 96 channels
     ("MobileNetV2", "block2", "block16", 5, 3),  # 16x16 -> 2x2, 24 -> 320 channels
+    ("MobileNetV3-Small", "block3", "block8", 1, 2),  # 8x8 -> 2x2, squeeze-excite blocks inside
     ("ResNet-20", "BasicBlock0.1", "BasicBlock2.0", 1, 2),
     ("ResNet-20", "BasicBlock1.1", "BasicBlock1.2", 4, 0),
 ])
@@ -73,6 +74,7 @@ def test_a_shunt_built_like_the_block_it_replaces_computes_the_same_outputs():
 
 
 @pytest.mark.parametrize("arch, first, last", [("MobileNetV2", "block2", "block6"),
+                                               ("MobileNetV3-Large", "block4", "block9"),
                                                ("ResNet-8", "BasicBlock0.0", "BasicBlock1.0")])
 def test_a_masked_shunted_net_equals_its_slimmed_net_and_its_spec_rebuilds_it(arch, first, last, tmp_path):
     entry = shunt.entry(first, last, 1, expand=16, bottleneck=8)
@@ -108,6 +110,8 @@ def test_the_block_table_lists_every_block_with_its_residual_flag():
     assert [b.name for b in table] == [f"block{k}" for k in range(17)]
     assert [b.name for b in table if b.residual] == ["block2", "block4", "block5", "block7", "block8", "block9",
                                                     "block11", "block12", "block14", "block15"]
+    small = nets.build("MobileNetV3-Small", masked=False).block_table
+    assert [b.name for b in small if b.residual] == ["block2", "block4", "block5", "block7", "block9", "block10"]
     resnet = nets.build("ResNet-20", masked=False).block_table
     assert [b.name for b in resnet if not b.residual] == ["BasicBlock1.0", "BasicBlock2.0"]
     shunted = nets.build("ResNet-20", masked=False, shunts=[shunt.entry("BasicBlock0.1", "BasicBlock0.2")])

@@ -17,6 +17,8 @@ SMALL = {
     "ResNet-34": dict(input_size=64, num_classes=7),
     "ResNet-50": dict(input_size=64, num_classes=7),
     "MobileNetV2-ImageNet": dict(input_size=64, num_classes=7),
+    "MobileNetV3-Small-ImageNet": dict(input_size=64, num_classes=7),
+    "MobileNetV3-Large-ImageNet": dict(input_size=64, num_classes=7),
 }
 
 
@@ -31,6 +33,11 @@ SMALL = {
 # * VGG-16: its thirteen convs, five max-pools and flattened classifier at a quarter of the widths;
 # * MobileNetV2 (no depth setting): 16x16 inputs, as the ImageNet nets run at 64x64 in `SMALL`;
 #   every stride still halves a map (the last one is 2x2).
+# * MobileNetV3-Small/-Large (no depth setting either): as MobileNetV2, 16x16 inputs for the CIFAR
+#   nets (whose first two stride-2 layers have stride 1) and `SMALL`'s 64x64 for the ImageNet ones,
+#   so the last map is 2x2 (on 1x1 maps the batch statistics of 3-4 examples amplify round-off past
+#   the tolerances), at alpha 0.75, the smallest width multiplier Keras has ImageNet weights for;
+#   it keeps every residual add and group of alpha 1.
 # Tests of registered depths and figures (output shapes, complexity, compactor counts) keep `small_net`.
 # A net registered with dropout (hinton-1200) runs without it in its lean config (`lean_config`):
 # these tests compare two training-mode forward passes (masked and slimmed, padded and slimmed),
@@ -41,6 +48,10 @@ LEAN = {
     "ResNet-50": dict(blocks=[2, 1, 1, 1]),
     "VGG-16": dict(stages=[[16, 16], [32, 32], [64, 64, 64], [128, 128, 128], [128, 128, 128]], hidden=128),
     "MobileNetV2": dict(input_size=16),
+    "MobileNetV3-Small": dict(input_size=16, alpha=0.75),
+    "MobileNetV3-Large": dict(input_size=16, alpha=0.75),
+    "MobileNetV3-Small-ImageNet": dict(alpha=0.75),
+    "MobileNetV3-Large-ImageNet": dict(alpha=0.75),
 }
 
 
@@ -48,19 +59,21 @@ def family_representatives(archs=None):
     """The registered nets that the heavy per-net tests run on: one per family.
 
     A family is the registered names whose class and default config differ only in their block
-    counts (ResNet-20/32/56/110; ResNet-18/34): a deeper variant repeats the same blocks and adds
-    no code path, so only its shallowest member is kept. Everything else (ResNet-50's bottlenecks,
-    each MobileNetV2 stem) is a family of its own, and a newly registered net is tested
-    automatically.
+    counts (ResNet-20/32/56/110; ResNet-18/34), or only in which stride-2 layers keep stride 1 and in
+    their input size and classes (MobileNetV3-Small and MobileNetV3-Small-ImageNet): a deeper or
+    larger variant runs the same code, so only its shallowest, smallest member is kept. Everything
+    else (ResNet-50's bottlenecks, each MobileNetV2 stem) is a family of its own, and a newly
+    registered net is tested automatically.
     """
+    same = {"blocks", "change_stride_layers", "input_size", "num_classes"}
     families = {}
     for arch in nets.list_archs() if archs is None else archs:
         _, cls, defaults = lookup(arch)
-        rest = {k: v for k, v in defaults.items() if k != "blocks"}
+        rest = {k: v for k, v in defaults.items() if k not in same}
         key = (cls, repr(sorted(rest.items())))
-        depth = sum(defaults.get("blocks", ()))
-        if key not in families or depth < families[key][0]:
-            families[key] = (depth, arch)
+        size = (sum(defaults.get("blocks", ())), defaults.get("input_size", 0))
+        if key not in families or size < families[key][0]:
+            families[key] = (size, arch)
     return [arch for _, arch in families.values()]
 
 
