@@ -26,7 +26,9 @@ import statistics
 from common import host, run_all, run_child
 from ekg_cifar import percent_mean_sd, read
 
-CONFIGS = ("auto", "auto_kd", "one", "one_kd", "two", "two_kd")
+# <placement>[_kd|_kd1]: auto (by knowledge quotient), one or two named runs; _kd: Hinton KD at the original's
+# intended T 5, weight 4; _kd1: weight 1.
+CONFIGS = tuple(f"{p}{k}" for p in ("auto", "one", "two") for k in ("", "_kd", "_kd1"))
 
 
 def base_run(args) -> str:
@@ -51,8 +53,8 @@ def shunt_run(config: str, seed: int, base: str, args) -> dict:
         options += ["--shunt_blocks", args.one]
     elif config.startswith("two"):
         options += ["--shunt_blocks", args.two]
-    if config.endswith("_kd"):
-        options += ["--shunt_kd_weight", "4", "--shunt_kd_temperature", "5"]
+    if "_kd" in config:
+        options += ["--shunt_kd_weight", "1" if config.endswith("_kd1") else "4", "--shunt_kd_temperature", "5"]
     proc = run_child(["train_cifar.py", "--method", "shunt", "--arch", args.arch, "--dataset", "cifar10",
                       "--data_path", args.data_path, "--train_path", run, "--seed", str(seed), "--trained_param", base,
                       "--do_log", "10", *options, *args.extra], os.path.join(args.out, f"{config}_seed{seed}.stdout"))

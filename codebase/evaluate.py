@@ -18,7 +18,8 @@ def add_net_and_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--data_path", default=None)
     p.add_argument("--image_size", type=int, default=None,
-                   help="ImageNet input height and width, as the run was trained (default: 224)")
+                   help="input height and width, as the run was trained: ImageNet crops to it (default 224), MNIST "
+                        "is resized to it (LeNet-5-32: 32)")
 
 
 def parse_args(argv):

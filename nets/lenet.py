@@ -53,6 +53,9 @@ class LeNet5(Net):
             raise ConfigError(f"{arch}: filters must be two positive channel counts, got {filters}")
         if padding not in ("SAME", "VALID"):
             raise ConfigError(f"{arch}: padding must be SAME or VALID, got {padding}")
+        if padding == "VALID" and input_size != 32:
+            raise ConfigError(f"{arch} takes LeCun's 32x32 inputs, got {input_size}x{input_size} (MNIST: give "
+                              "--image_size 32)")
         config = dict(num_classes=num_classes, input_size=input_size, channels=channels, filters=filters,
                       padding=padding)
         super().__init__(arch, config, widths, masked)

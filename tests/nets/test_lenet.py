@@ -72,3 +72,9 @@ def test_filters_and_padding_survive_slimming_and_the_spec():
 def test_bad_options_are_config_errors(config, message):
     with pytest.raises(ConfigError, match=message):
         nets.build("LeNet-5", **config)
+
+
+def test_the_32x32_lenets_refuse_another_input_size_in_one_line():
+    with pytest.raises(ConfigError, match=r"LeNet-5-32 takes LeCun's 32x32 inputs, got 28x28 \(MNIST: give "
+                                          r"--image_size 32\)"):
+        nets.build("LeNet-5-32", input_size=28)
