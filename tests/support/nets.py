@@ -59,13 +59,13 @@ def family_representatives(archs=None):
     """The registered nets that the heavy per-net tests run on: one per family.
 
     A family is the registered names whose class and default config differ only in their block
-    counts (ResNet-20/32/56/110; ResNet-18/34), or only in which stride-2 layers keep stride 1 and in
-    their input size and classes (MobileNetV3-Small and MobileNetV3-Small-ImageNet): a deeper or
-    larger variant runs the same code, so only its shallowest, smallest member is kept. Everything
-    else (ResNet-50's bottlenecks, each MobileNetV2 stem) is a family of its own, and a newly
-    registered net is tested automatically.
+    counts (ResNet-20/32/56/110; ResNet-18/34), or only in their strides, input size and classes
+    (MobileNetV2 and MobileNetV2-ImageNet, MobileNetV3-Small and MobileNetV3-Small-ImageNet): a
+    deeper or larger variant runs the same code, so only its shallowest, smallest member is kept.
+    Everything else (ResNet-50's bottlenecks) is a family of its own, and a newly registered net is
+    tested automatically.
     """
-    same = {"blocks", "change_stride_layers", "input_size", "num_classes"}
+    same = {"blocks", "strides", "stem_stride", "change_stride_layers", "input_size", "num_classes"}
     families = {}
     for arch in nets.list_archs() if archs is None else archs:
         _, cls, defaults = lookup(arch)
