@@ -222,9 +222,12 @@ class ShuntConnections(Method):
             how = f"lowest summed knowledge quotient {chosen['score']:.4f} reaching {opts.shunt_flops_target:.1%}"
         spec = original.spec()
         config = {**spec["config"], "shunts": list(spec["config"].get("shunts", [])) + runs}
+        # A slimmed original (`l1,shunt`) keeps its widths wherever its groups remain.
+        groups = nets.build(original.arch, masked=False, **config).prunable_groups()
+        widths = {k: v for k, v in spec["widths"].items() if k in groups}
         tf.random.set_seed(fold_seed(step.run.seed, SHUNT_SEED))  # the shunts' initialisation
         with self.ctx.strategy.scope():
-            net = nets.build(original.arch, masked=False, **config)
+            net = nets.build(original.arch, widths=widths, masked=False, **config)
         params, own = original.get_params(), net.get_params()
         net.set_params({k: params.get(k, v) for k, v in own.items()})
         full, cost = original.cost(), net.cost()

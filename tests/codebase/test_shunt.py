@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow  # one module-scoped run of the whole procedure, s
 
 SHUNT = ["--shunt_blocks", "BasicBlock0.0:BasicBlock1.0", "--shunt_expand", "16", "--shunt_bottleneck", "8",
          "--shunt_epochs", "2", "--shunt_batch_size", "8", "--shunt_latency_batch", "4", "--shunt_latency_runs", "2",
-         "--val_batch_size", "16", "--steps_per_epoch", "2"]
+         "--val_batch_size", "16", "--steps_per_epoch", "2", "--shunt_kd_weight", "4"]
+L1 = ["--search_target_rate", "0.8", "--search_batch_size", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -23,18 +24,17 @@ def whole(tmp_path_factory):
     start = resnet8_start(root, "shunt")
     cut = start.index("--search_batch_size")
     start = start[:cut] + start[cut + 2:]  # shunt has no search
-    # The shunted net chained onto L1 pruning.
-    chain = [a if a != "shunt" else "shunt,l1" for a in start]
+    # Shunts in a slimmed net (L1 first), the shunted net pruned again.
+    chain = [a if a != "shunt" else "l1,shunt,l1" for a in start]
     with training_steps() as steps:
-        results = train_cifar.main([*chain, "--train_path", str(root / "whole"), *SHUNT, "--shunt_kd_weight", "4",
-                                    "--search_target_rate", "0.8", "--search_batch_size", "8"])
+        results = train_cifar.main([*chain, "--train_path", str(root / "whole"), *SHUNT, *L1])
     return root, start, results, steps
 
 
 def test_every_stage_leaves_its_artefacts_and_the_summary_compares_the_three_nets(whole):
     root, _, chained, steps = whole
-    results = chained["steps"]["1-shunt"]
-    step = root / "whole" / "1-shunt"
+    results = chained["steps"]["2-shunt"]
+    step = root / "whole" / "2-shunt"
     split = json.loads((step / "split.json").read_text())
     assert sorted(split["val"] + split["train"]) == list(range(40)) and not set(split["val"]) & set(split["train"])
     quotients = json.loads((step / "knowledge_quotients.json").read_text())
@@ -42,10 +42,13 @@ def test_every_stage_leaves_its_artefacts_and_the_summary_compares_the_three_net
     placed = json.loads((step / "shunt.json").read_text())
     assert placed["shunts"] == [{"first": "BasicBlock0.0", "last": "BasicBlock1.0", "arch": 1, "expand": 16,
                                  "bottleneck": 8}]
-    # Shunt: 2 epochs of 2 steps on the training split; final: --train_epoch 1 of 2 steps; then L1's fine-tuning.
-    assert steps == [1, 2, 3, 4, 1, 2, 1, 2]
+    # L1's fine-tuning (1 epoch of 2 steps); the shunt: 2 epochs of 2 steps on the training split; the final
+    # training: 1 epoch of 2 steps; the second L1's fine-tuning.
+    assert steps == [1, 2, 1, 2, 3, 4, 1, 2, 1, 2]
     net = load_net("ResNet-8", str(step / "trained_params.pkl"))
     assert net.config["shunts"][0]["last"] == "BasicBlock1.0" and "BasicBlock0.0/conv1" not in net.groups
+    pruned = load_net("ResNet-8", str(root / "whole" / "1-l1" / "trained_params.pkl")).widths()
+    assert net.widths()["BasicBlock2.0/conv1"] == pruned["BasicBlock2.0/conv1"] < 64  # L1's widths kept
     assert set(results["nets"]) == {"original", "shunt_inserted", "final"}
     assert results["nets"]["final"]["ekg_flops"] == net.cost().ekg_flops
     assert results["flops_cut"] == pytest.approx(1 - net.cost().ekg_flops / results["nets"]["original"]["ekg_flops"])
@@ -58,21 +61,21 @@ def test_every_stage_leaves_its_artefacts_and_the_summary_compares_the_three_net
 def test_a_run_resumed_in_the_middle_of_the_shunt_training_ends_where_an_uninterrupted_one_ends(whole):
     root, start, _, _ = whole
     run = root / "resumed"
-    flags = [*start, "--train_path", str(run), *SHUNT, "--shunt_kd_weight", "4"]
+    flags = [*[a if a != "shunt" else "l1,shunt" for a in start], "--train_path", str(run), *SHUNT, *L1]
     with pytest.raises(Crash), training_steps(crash_at=4):  # in the shunt's second epoch
         train_cifar.main(flags)
     with training_steps() as steps:
         train_cifar.main([*flags, "--resume"])
     assert steps == [3, 4, 1, 2]  # from the checkpoint at the end of its first epoch
-    assert_same_params(run / "1-shunt" / "shunt_inserted.pkl", root / "whole" / "1-shunt" / "shunt_inserted.pkl")
-    assert_same_params(run / "trained_params.pkl", root / "whole" / "1-shunt" / "trained_params.pkl")
+    assert_same_params(run / "2-shunt" / "shunt_inserted.pkl", root / "whole" / "2-shunt" / "shunt_inserted.pkl")
+    assert_same_params(run / "trained_params.pkl", root / "whole" / "2-shunt" / "trained_params.pkl")
 
 
 def test_the_shunted_net_chains_onto_channel_pruning(whole):
     root, _, results, _ = whole
     net = load_net("ResNet-8", str(root / "whole" / "trained_params.pkl"))
     assert net.config["shunts"][0]["first"] == "BasicBlock0.0"
-    assert results["ekg_flops"] < results["steps"]["1-shunt"]["ekg_flops"]
+    assert results["ekg_flops"] < results["steps"]["2-shunt"]["ekg_flops"]
     assert any(net.widths()[k] < net.full_sizes[k] for k in net.widths() if k.startswith("shunt0/"))
 
 
