@@ -76,7 +76,7 @@ def main(argv=None):
                               marker="s", label=label[len(name):].strip() or label, zorder=3)
         right.set_xlabel("FLOPs kept (% of the original, EKG convention)")
         right.set_ylabel("top-1 on the test images (%)")
-        right.set_title("o: final nets (mean +- sd over seeds); x: shunt inserted, before its final training",
+        right.set_title("o: final nets (mean +- sd over seeds); x: shunt inserted",
                         fontsize=9)
         right.grid(alpha=0.3)
         right.legend(fontsize=7)

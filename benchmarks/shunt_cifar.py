@@ -84,7 +84,7 @@ def table(saved: dict) -> str:
                for b in (1, 128)}
         rows.append(f"| {config} | {shunts} | {len(group)} | {100 * statistics.mean(e['flops_cut'] for e in group):.1f}% "
                     f"| {100 * original:.2f} | {percent_mean_sd([e['top1']['shunt_inserted'] for e in group])} "
-                    f"| {percent_mean_sd(final)} | {100 * (original - statistics.mean(final)):.2f} "
+                    f"| {percent_mean_sd(final)} | {100 * (original - statistics.mean(final)):.2f} | "
                     + " | ".join(f"{statistics.mean(a for a, _ in lat[b]):.1f} -> {statistics.mean(f for _, f in lat[b]):.1f}"
                                  for b in (1, 128)) + " |")
     return "\n".join(rows)
