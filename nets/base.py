@@ -71,6 +71,7 @@ class Net(tf.Module):
         # The blocks a shunt may replace (`nets.shunt.BlockInfo`, in forward order; empty for
         # nets without blocks), filled by a subclass as it builds them.
         self.block_table: list = []
+        self.shunt_list: list = []  # the `nets.shunt.Shunt`s replacing some of them, in forward order
 
     # === Declaring the structure (used by subclasses in __init__) ===
     def group(self, key: str, size: int, prunable: bool = True) -> ChannelGroup:

@@ -228,4 +228,5 @@ class Splicer:
             return stream, hw, None
         stream = stream or self.net.group(group_key, depth)
         made = Shunt(self.net, run, self._start[0], stream, self._start[1], hw, relu_out=self.relu_out)
+        self.net.shunt_list.append(made)
         return stream, hw, made

@@ -52,6 +52,7 @@ from codebase.tasks import Distill
 from nets import shunt as shunts
 from op_utils.evaluate import Evaluator
 from op_utils.task import Classify
+from op_utils.traced import fresh_function
 from utils.atomic import atomic_write_json
 from utils.errors import ConfigError
 from utils.logs import get_logger
@@ -244,8 +245,7 @@ class ShuntConnections(Method):
         runs = self.read(PLACED)["shunts"]
         done = {}
         for entry in runs:
-            index = next(i for i, e in enumerate(net.config["shunts"]) if dict(e) == entry)
-            replaced = next(b for b in _shunt_modules(net) if b.run.index == index)
+            replaced = next(b for b in net.shunt_list if b.run.entry() == entry)
             best_path = step.path(os.path.join("train_shunt", f"{replaced.run.name}_best.pkl"))
             if not os.path.exists(best_path + ".done"):
                 self._train_one(original, net, replaced, best_path)
@@ -318,10 +318,11 @@ class ShuntConnections(Method):
     def test(self):
         step, ctx = self.step, self.ctx
         results = stages.test(step)
-        summary = {}
-        for name, path in (("original", step.input), ("shunt_inserted", step.path(INSERTED)), ("final", step.output)):
+        metrics = ("top1", "top5", "loss")
+        summary = {"final": {k: results[k] for k in (*metrics, "params", "macs", "ekg_params", "ekg_flops")}}
+        for name, path in (("original", step.input), ("shunt_inserted", step.path(INSERTED))):
             net = ctx.load_net(path)
-            summary[name] = {**{k: float(v) for k, v in ctx.evaluate(net).items() if k in ("top1", "top5", "loss")},
+            summary[name] = {**{k: float(v) for k, v in ctx.evaluate(net).items() if k in metrics},
                              **net.cost().as_dict()}
         latency = self.read(LATENCY)
         for name in ("original", "final"):
@@ -350,13 +351,6 @@ def check_runs(arch: str, config: dict, opts: ShuntOptions) -> None:
         raise ConfigError(f"--shunt_blocks {opts.shunt_blocks}: {err}") from None
 
 
-def _shunt_modules(net) -> list:
-    """The `nets.shunt.Shunt`s of a net, in forward order."""
-    found = [block["shunt"] for block in getattr(net, "blocks", []) if isinstance(block, dict) and "shunt" in block]
-    found += list(getattr(net, "shunt_at", {}).values())
-    return found
-
-
 def _feature_mse(strategy, task):
     """`mse(dataset) -> float`: the shunt's mean validation MSE, inference mode, one trace."""
 
@@ -366,8 +360,7 @@ def _feature_mse(strategy, task):
         err = tf.reduce_mean(tf.square(y - target), axis=[1, 2, 3])
         return tf.stack([tf.reduce_sum(tf.cast(err, tf.float64)), tf.cast(tf.shape(err)[0], tf.float64)])
 
-    step = tf.function(lambda images: strategy.reduce("SUM", strategy.run(replica, args=(images,)), axis=None),
-                       autograph=False)
+    step = fresh_function(lambda images: strategy.reduce("SUM", strategy.run(replica, args=(images,)), axis=None))
 
     def mse(dataset):
         total = np.zeros(2)

@@ -98,7 +98,7 @@ def test_feature_regression_trains_only_the_shunt_and_lowers_its_loss():
     shunted = nets.build("ResNet-8", masked=False, shunts=[shunt.entry("BasicBlock0.0", "BasicBlock0.0", 4, 16)])
     shunted.set_params({**shunted.get_params(), **{k: v for k, v in original.get_params().items()
                                                    if k in shunted.param_shapes()}})
-    replaced = next(iter(shunted.shunt_at.values()))
+    replaced, = shunted.shunt_list
     task = shunt_tasks.ShuntRegress(original, shunted, replaced, "stem", "BasicBlock0.0")
     assert {v.ref() for v in task.variables_to_train()} == {
         v.ref() for layer in replaced.layers.values() for v in layer.trainable_variables}

@@ -43,8 +43,7 @@ def test_the_shunt_matches_the_shapes_at_both_ends_with_strides_derived_from_the
     assert after[last].shape == before[last].shape
     names = [s.name for s in shunted.sites() if s.kind == "block"]
     assert first not in names or first == last
-    replaced = [b for b in getattr(shunted, "blocks", []) if isinstance(b, dict) and "shunt" in b]
-    replaced = replaced[0]["shunt"] if replaced else next(iter(shunted.shunt_at.values()))
+    replaced, = shunted.shunt_list
     strides = [stage["dw"].strides for stage in replaced.stages]
     assert len(strides) == shunt.STAGES[kind]
     assert sum(s == 2 for s in strides) == halvings and strides == sorted(strides, reverse=True)
