@@ -158,6 +158,14 @@ class RunContext:
                         resume=self.cfg.run.resume, ckpt_every_steps=self.cfg.run.ckpt_every_steps,
                         on_epoch_end=on_epoch_end, log_every_steps=self.cfg.run.do_log, on_step_end=on_step_end)
 
+    def tuner(self, task, optim_cfg: OptimConfig, data_fn=None) -> loop.Tuner:
+        """A `loop.Tuner` of `task`: a few steps at a time with this run's strategy, XLA and
+        accumulation, traced once for every call (a search's per-candidate tuning)."""
+        if isinstance(task, Net):
+            task = Classify(task)
+        trainer = self.trainer(task, optim_cfg, self.steps_per_epoch(optim_cfg))
+        return loop.Tuner(trainer, data_fn or self.train_data_fn(optim_cfg))
+
     def evaluate(self, net) -> dict:
         """Top-1, top-5 and loss on the test set with moving statistics (no optimizer involved)."""
         return Evaluator(self.strategy, net, self.xla).evaluate(self.data.test(self.cfg.run.val_batch_size))

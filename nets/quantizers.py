@@ -305,3 +305,34 @@ class ActivationQuantizer(Transform):
 
     def config(self):
         return {"bits": self.bits, "momentum": self.momentum}
+
+
+class QuantizerChoice(Transform):
+    """One of several weight quantizers of a parameter, chosen by a variable (a policy search's
+    roll-outs: every bit width of a layer is tried without tracing again).
+
+    `choice` (an int32 scalar variable) indexes `quantizers`; only the chosen one runs
+    (`tf.switch_case`). Not saved: a search's net is never written with it (the learner then
+    attaches one quantizer per layer).
+
+    Args:
+        quantizers: weight quantizers of one parameter (e.g. bits 2..8), each attached with it.
+    """
+
+    kind = "quantizer_choice"
+    saved = False
+
+    def __init__(self, quantizers):
+        super().__init__(name="quantizer_choice")
+        self.quantizers = list(quantizers)
+        self.choice = tf.Variable(0, dtype=tf.int32, trainable=False, name="choice")
+
+    def attached(self, layer, target):
+        for quantizer in self.quantizers:
+            quantizer.attached(layer, target)
+
+    def __call__(self, w):
+        return tf.switch_case(tf.convert_to_tensor(self.choice), [lambda q=q: q(w) for q in self.quantizers])
+
+    def check_resize(self, how: str) -> None:
+        raise ConfigError(f"a net with a {self.kind} (a search's net) cannot be {how}")

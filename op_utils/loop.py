@@ -325,3 +325,42 @@ def _format(logs: dict[str, float]) -> str:
     for key, value in logs.items():
         parts.append(f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}")
     return " ".join(parts)
+
+
+class Tuner:
+    """A few optimizer steps at a time on one trainer, traced once for all of them: the short
+    tuning of each candidate of a search (policy search roll-outs), with no checkpoint or
+    evaluation of its own.
+
+    Args:
+        trainer: the trainer (its task and optimizer are reused by every `run`).
+        train_data_fn: as `fit`'s.
+    """
+
+    def __init__(self, trainer: Trainer, train_data_fn: TrainDataFn) -> None:
+        self.trainer, self.train_data_fn = trainer, train_data_fn
+
+    def reset(self) -> None:
+        """Zero the optimizer's slots and step counter: the next `run` starts as a fresh optimizer."""
+        optimizer = self.trainer.optimizer
+        if optimizer.built:
+            optimizer.reset()
+            optimizer.iterations.assign(0)
+
+    def run(self, steps: int, epoch: int) -> float:
+        """`steps` optimizer steps on epoch `epoch`'s data (the next epochs' if it is shorter);
+        returns the mean loss. A non-finite loss raises TrainingError."""
+        losses, current = [], epoch
+        while len(losses) < steps:
+            before = len(losses)
+            for batch in _distributed_epoch(self.trainer, self.train_data_fn, current, 0):
+                loss = float(self.trainer.train_step(batch)["loss"])
+                if not math.isfinite(loss):
+                    raise TrainingError(f"non-finite loss {loss} in a tuning step (epoch {current})")
+                losses.append(loss)
+                if len(losses) == steps:
+                    break
+            if len(losses) == before:
+                raise DataError(f"the tuning data of epoch {current} is empty")
+            current += 1
+        return float(np.mean(losses)) if losses else float("nan")

@@ -20,15 +20,23 @@ or the TFLite converter, an affine map that the float file applies as the TF gra
 weight decay. The step's output keeps its quantizers (spec and state), and `packed.npz` beside
 it stores the integer codes bit-packed (`codebase.packed`), with its size next to the float
 pickle's.
+
+Per-layer bit widths: `--uq_bits_file` / `--nuq_bits_file` is a JSON object `{layer key: bits}`
+naming every quantized layer (the policy search, `--method rl_uq` / `rl_nuq`, writes it); the
+weight-bits flag is then unused by the quantizers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from typing import Optional
+
+import numpy as np
 
 from codebase import packed, stages
 from codebase.methods.base import Method, Stage, register
-from codebase.options import Options, option
+from codebase.options import Options, json_object, option
 from nets.layers import FC, Conv2d, DepthwiseConv2d
 from nets.quantizers import BUCKETS, ActivationQuantizer, NonUniformQuantizer, UniformQuantizer, check_bits, \
     check_buckets
@@ -52,6 +60,27 @@ def _check_activation_bits(flag: str, bits: int) -> None:
                 from None
 
 
+def _check_file(flag: str, path) -> None:
+    if path is not None and not os.path.isfile(path):
+        raise ConfigError(f"--{flag} {path} does not exist")
+
+
+def layer_bits(keys, bits: int, bits_file: str | None, flag: str, max_bits: int = 16) -> dict:
+    """`{layer key: weight bits}` of the quantized layers `keys`: `bits` for each, or the file's."""
+    if bits_file is None:
+        return dict.fromkeys(keys, int(bits))
+    table = json_object(bits_file, flag, "{layer key: bits}")
+    missing, unknown = [k for k in keys if k not in table], sorted(set(table) - set(keys))
+    if missing or unknown:
+        raise ConfigError(f"--{flag} {bits_file} names {len(table)} layers, {len(keys)} are quantized: "
+                          + (f"no bits for {missing[0]!r}" if missing else f"{unknown[0]!r} is not one of them"))
+    for key, value in table.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= max_bits:
+            raise ConfigError(f"--{flag} {bits_file}: the bits of {key} must be an integer in [1, {max_bits}], "
+                              f"got {value!r}")
+    return {k: int(table[k]) for k in keys}
+
+
 @dataclasses.dataclass(frozen=True)
 class UQOptions(Options):
     """Uniform quantization's options (PocketFlow's defaults)."""
@@ -62,10 +91,13 @@ class UQOptions(Options):
                                      "bucket of --uq_bucket_size strided values (split)", choices=BUCKETS)
     uq_bucket_size: int = option(256, "values per split bucket")
     uq_all_layers: bool = option(False, "quantize the first layer and the classifier too")
+    uq_bits_file: Optional[str] = option(None, "JSON {layer key: bits} of every quantized layer (per-layer bit "
+                                               "widths, as the policy search writes them)")
 
     def validate(self, **context) -> None:
         super().validate(**context)
         check_bits("uq_weight_bits", self.uq_weight_bits)
+        _check_file("uq_bits_file", self.uq_bits_file)
         _check_activation_bits("uq_activation_bits", self.uq_activation_bits)
         check_buckets("uq_bucket_size", self.uq_buckets, self.uq_bucket_size)
 
@@ -84,9 +116,12 @@ class NUQOptions(Options):
     nuq_opt: str = option("weights", "what trains: weights (centres fixed), centres (weights fixed) or both",
                           choices=("weights", "centres", "both"))
     nuq_all_layers: bool = option(False, "quantize the first layer and the classifier too")
+    nuq_bits_file: Optional[str] = option(None, "JSON {layer key: bits} of every quantized layer (per-layer bit "
+                                                "widths in [1, 8], as the policy search writes them)")
 
     def validate(self, **context) -> None:
         super().validate(**context)
+        _check_file("nuq_bits_file", self.nuq_bits_file)
         check_bits("nuq_weight_bits", self.nuq_weight_bits)
         if self.nuq_weight_bits > 8:
             raise ConfigError(f"--nuq_weight_bits must be in [1, 8] (2^bits centres per bucket), got "
@@ -109,14 +144,21 @@ def quantized_layers(net, all_layers: bool) -> list:
     return keys
 
 
+def equivalent_bits(net, bits: dict) -> float:
+    """The parameter-weighted mean of the layers' weight bits (`{layer key: bits}`)."""
+    sizes = {k: int(np.prod(net.layers[k].kernel.shape)) for k in bits}
+    return sum(bits[k] * sizes[k] for k in bits) / max(sum(sizes.values()), 1)
+
+
 def activation_sites(net) -> list:
     """Names of the sites after a ReLU: every group and block site not marked linear."""
     return [name for name, site in net.final_sites().items() if not site.linear]
 
 
 def attach_quantizers(net, make_weight_quantizer, weight_layers, activation_bits: int) -> dict:
-    """Attach quantizers (in the strategy scope); returns `{"weights": [...], "activations": [...]}`."""
-    weights = [net.attach(make_weight_quantizer(), [f"{key}/kernel"]) for key in weight_layers]
+    """Attach quantizers (in the strategy scope): `make_weight_quantizer(layer key)` for each of
+    `weight_layers`; returns `{"weights": [...], "activations": [...]}`."""
+    weights = [net.attach(make_weight_quantizer(key), [f"{key}/kernel"]) for key in weight_layers]
     activations = []
     if activation_bits != FULL_PRECISION:
         activations = [net.attach(ActivationQuantizer(net.state, activation_bits), [name])
@@ -141,7 +183,11 @@ class _Quantize(Method):
     def stages(self):
         return [Stage("train", self.train), Stage("test", self.test)]
 
-    def weight_quantizer(self):
+    def weight_quantizer(self, bits: int):
+        raise NotImplementedError
+
+    def bits(self, keys) -> dict:
+        """`{layer key: weight bits}` (the bits flag, or the bits file)."""
         raise NotImplementedError
 
     def settings(self) -> tuple:
@@ -155,15 +201,17 @@ class _Quantize(Method):
         step, ctx = self.step, self.ctx
         net = step.start_net()
         all_layers, activation_bits = self.settings()
+        keys = quantized_layers(net, all_layers)
+        bits = self.bits(keys)
         with ctx.strategy.scope():
-            quantizers = attach_quantizers(net, self.weight_quantizer, quantized_layers(net, all_layers),
-                                           activation_bits)
+            quantizers = attach_quantizers(net, lambda key: self.weight_quantizer(bits[key]), keys, activation_bits)
         before = ctx.evaluate(net)
         log.info("%s: %d kernels and %d activation sites quantized, top1 %.4f before training | %s", self.name,
                  len(quantizers["weights"]), len(quantizers["activations"]), before["top1"], ctx.describe(net))
         atomic_write_json(step.path("quantized.json"), {"before_training_top1": float(before["top1"]),
                                                          "weight_kernels": len(quantizers["weights"]),
-                                                         "activation_sites": len(quantizers["activations"])})
+                                                         "activation_sites": len(quantizers["activations"]),
+                                                         "bits": bits, "equivalent_bits": equivalent_bits(net, bits)})
         step.train(self.task(net, quantizers), "train")
         step.save(net)
 
@@ -180,9 +228,12 @@ class _Quantize(Method):
 class UniformQuantization(_Quantize):
     Options = UQOptions
 
-    def weight_quantizer(self):
+    def weight_quantizer(self, bits):
         o = self.options
-        return UniformQuantizer(o.uq_weight_bits, o.uq_buckets, o.uq_bucket_size)
+        return UniformQuantizer(bits, o.uq_buckets, o.uq_bucket_size)
+
+    def bits(self, keys):
+        return layer_bits(keys, self.options.uq_weight_bits, self.options.uq_bits_file, "uq_bits_file")
 
     def settings(self):
         return self.options.uq_all_layers, self.options.uq_activation_bits
@@ -192,9 +243,12 @@ class UniformQuantization(_Quantize):
 class NonUniformQuantization(_Quantize):
     Options = NUQOptions
 
-    def weight_quantizer(self):
+    def weight_quantizer(self, bits):
         o = self.options
-        return NonUniformQuantizer(o.nuq_weight_bits, o.nuq_buckets, o.nuq_bucket_size, o.nuq_init)
+        return NonUniformQuantizer(bits, o.nuq_buckets, o.nuq_bucket_size, o.nuq_init)
+
+    def bits(self, keys):
+        return layer_bits(keys, self.options.nuq_weight_bits, self.options.nuq_bits_file, "nuq_bits_file", max_bits=8)
 
     def settings(self):
         return self.options.nuq_all_layers, self.options.nuq_activation_bits

@@ -102,7 +102,7 @@ def test_nuq_opt_trains_what_it_names_and_never_decays_the_centres(opt):
         net = nets.build("LeNet-5", masked=False)
         randomise(net)
         layers = quantized_layers(net, False)
-        quantizers = attach_quantizers(net, lambda: NonUniformQuantizer(2, "channel"), layers, 32)
+        quantizers = attach_quantizers(net, lambda key: NonUniformQuantizer(2, "channel"), layers, 32)
     assert layers == ["conv2", "fc1", "fc2"]
     centres = quantizers["weights"][0].centres
     kernel = net.layers["conv2"].kernel  # the kernel those centres quantize

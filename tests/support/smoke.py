@@ -22,6 +22,7 @@ from utils.params_io import load_params
 
 ENGINE = ["--train_epoch", "1", "--steps_per_epoch", "2", "--batch_size", "8", "--val_batch_size", "8",
           "--do_log", "1", "--baseline_epoch", "1", "--num_replicas", "2", "--accum", "2"]
+RL = ["--rl_rollouts", "3", "--rl_warmup", "2", "--rl_val_images", "8", "--rl_bn_images", "8", "--rl_batch_size", "2"]
 # Per method: the net and data of its smoke run and tiny options (big_vision's runlocal configs).
 # LeNet-5 on MNIST traces fastest; methods that need BatchNorm run ResNet-8 on CIFAR-10.
 SMOKE = {
@@ -51,10 +52,16 @@ SMOKE = {
                        "--export", "tflite_fp32", "saved_model"]),
     "nuq": ("LeNet-5", ["--nuq_weight_bits", "2", "--nuq_activation_bits", "4", "--nuq_buckets", "split",
                         "--nuq_bucket_size", "64", "--nuq_opt", "both"]),
+    # The policy searches: 3 roll-outs (2 of warm-up), the learner with the policy found.
+    "rl_cp": ("LeNet-5", [*RL, "--search_target_rate", "0.7", "--search_batch_size", "8", "--rl_pruner", "cp",
+                          "--cp_batches", "1", "--cp_points_per_image", "4", "--rl_tune_steps", "1"]),
+    "rl_ws": ("LeNet-5", [*RL, "--ws_sparsity", "0.5", "--ws_update_every", "1"]),
+    "rl_uq": ("LeNet-5", [*RL, "--uq_weight_bits", "3", "--rl_max_bits", "4", "--rl_reward", "loss"]),
+    "rl_nuq": ("LeNet-5", [*RL, "--nuq_weight_bits", "3", "--rl_max_bits", "4", "--nuq_activation_bits", "8"]),
 }
 
 
-PRUNING = ("l1", "random", "ekg", "resrep", "cp", "cpr", "dcp")  # run by test_methods_pruning.py
+PRUNING = ("l1", "random", "ekg", "resrep", "cp", "cpr", "dcp", "rl_cp")  # run by test_methods_pruning.py
 
 
 def make_data(tmp_path_factory):
@@ -103,7 +110,7 @@ def check_end_to_end(method_run, data, capsys):
     assert lines and not [line for line, n in collections.Counter(lines).items() if n > 1]
     assert not [line for line in lines if "retracing" in line]
     assert results["ekg_flops"] <= results["full_ekg_flops"]
-    if method in ("l1", "random", "ekg", "resrep", "cp", "cpr", "dcp"):
+    if method in ("l1", "random", "ekg", "resrep", "cp", "cpr", "dcp", "rl_cp"):
         assert results["ekg_flops"] < results["full_ekg_flops"] and results["before_finetune_top1"] >= 0
     # The final net is the last step's; test.py reads it (its spec gives the architecture) and agrees.
     assert (run / "trained_params.pkl").read_bytes() == (run / steps[-1] / "trained_params.pkl").read_bytes()
@@ -158,4 +165,24 @@ def check_resrep(run, results, data, capsys):
     assert padded["widths"] == {k: min(-(-w // 8) * 8, trained.full_sizes[k]) for k, w in results["widths"].items()}
 
 
-CHECKS = {"kd": check_kd, "ekg": check_ekg, "resrep": check_resrep}
+def check_policy(run, results, data, capsys):
+    """The search's report and the learner's use of the policy found (no retrace across roll-outs)."""
+    method = next(p.name for p in run.iterdir() if p.name.startswith("1-"))
+    step = run / method
+    policy = json.loads((step / "policy.json").read_text())
+    search = json.loads((step / "search" / "search.json").read_text())
+    assert len(search["rollouts"]) == 3 and search["rollouts_per_hour"] > 0
+    assert set(search["trace_counts"].values()) == {1}
+    assert search["best"]["reward"] == max([search["uniform"]["reward"]] + [r["reward"] for r in search["rollouts"]])
+    if method.endswith("uq"):
+        quantized = json.loads((step / "quantized.json").read_text())
+        assert quantized["bits"] == policy and set(policy.values()) <= {2, 3, 4}
+        assert quantized["equivalent_bits"] <= 3 + 1e-9
+    elif method.endswith("ws"):
+        assert abs(results["sparsity"] - 0.5) < 0.01
+    else:
+        assert results["flops_rate"] <= 0.7
+
+
+CHECKS = {"kd": check_kd, "ekg": check_ekg, "resrep": check_resrep, **{m: check_policy for m in (
+    "rl_cp", "rl_ws", "rl_uq", "rl_nuq")}}
