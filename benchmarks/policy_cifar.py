@@ -71,8 +71,8 @@ def policy_run(name: str, seed: int, args) -> dict:
 
 def table(saved: dict) -> str:
     rows = ["| config | runs | held-out uniform (top-1 / loss) | held-out best roll-out | budget used | "
-            "test top-1 uniform | test top-1 RL | RL - uniform | roll-outs | search (s) | roll-outs/h |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "test top-1 uniform | test top-1 RL | RL - uniform | roll-outs (best found by a roll-out) | search (s) | "
+            "roll-outs/h |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for config in CONFIGS:
         uniform = [e for e in saved["runs"] if e["config"] == f"{config}_uniform"]
         rl = [e for e in saved["runs"] if e["config"] == f"{config}_rl"]
@@ -87,7 +87,8 @@ def table(saved: dict) -> str:
             f" | {mean(e[used] for e in uniform):.3f} -> {mean(e[used] for e in rl):.3f} | "
             f"{percent_mean_sd([e['top1'] for e in uniform])} | {percent_mean_sd([e['top1'] for e in rl])} | "
             f"{100 * (mean(e['top1'] for e in rl) - mean(e['top1'] for e in uniform)):+.2f} | "
-            f"{rl[0]['rollouts']} | {mean(e['search_seconds'] for e in rl):.0f} | "
+            f"{rl[0]['rollouts']} ({sum(e.get('best_rollout', 0) >= 0 for e in rl)} of {len(rl)}) | "
+            f"{mean(e['search_seconds'] for e in rl):.0f} | "
             f"{mean(e['rollouts_per_hour'] for e in rl):.0f} |")
     return "\n".join(rows)
 
