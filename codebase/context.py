@@ -129,12 +129,15 @@ class RunContext:
         return Trainer(self.strategy, task, optimizer, global_batch_size=optim_cfg.batch_size,
                        accum=self.cfg.run.accum, xla=self.xla)
 
-    def train_data_fn(self, optim_cfg: OptimConfig, augment: bool = True):
+    def train_data_fn(self, optim_cfg: OptimConfig, augment: bool = True, subset=None):
+        """`loop.fit`'s data function: epochs of training batches (only the positions `subset` of an
+        in-memory training set, when given: a split held out for validation or a search's reward)."""
         run, data = self.cfg.run, self.data
+        extra = {} if subset is None else {"subset": subset}
 
         def fn(epoch, ctx):
             return data.train(ctx.get_per_replica_batch_size(optim_cfg.batch_size), epoch, run.seed, augment=augment,
-                              num_shards=ctx.num_input_pipelines, shard_index=ctx.input_pipeline_id)
+                              num_shards=ctx.num_input_pipelines, shard_index=ctx.input_pipeline_id, **extra)
 
         return fn
 

@@ -222,7 +222,7 @@ class _Searching:
             optim = step.optim_with(optimizer="adam", learning_rate=opts.rl_tune_lr, schedule="constant",
                                     warmup_epochs=0.0, train_epoch=1)
             variables = [v for v in net.trainable_variables if id(v) not in frozen]
-            tuner = ctx.tuner(Classify(net, variables=variables), optim, self._split_data(train, optim))
+            tuner = ctx.tuner(Classify(net, variables=variables), optim, ctx.train_data_fn(optim, subset=train))
         scorer = RolloutScorer(ctx.strategy, net, val_data, calib, ctx.xla, tuner, opts.rl_tune_steps,
                                net.get_params() if tuner is not None else None)
         if opts.rl_uniform:
@@ -259,16 +259,6 @@ class _Searching:
             "best": None, "rollouts": []})
         log.info("%s: --rl_uniform: the uniform policy (held-out top-1 %.4f) in %s", self.name, uniform["top1"],
                  self.step.path(POLICY))
-
-    def _split_data(self, subset, optim):
-        data, seed = self.ctx.data, self.step.run.seed
-
-        def fn(epoch, context):
-            return data.train(context.get_per_replica_batch_size(optim.batch_size), epoch, seed,
-                              num_shards=context.num_input_pipelines, shard_index=context.input_pipeline_id,
-                              subset=subset)
-
-        return fn
 
 
 @register("rl_cp")

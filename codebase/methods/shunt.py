@@ -155,14 +155,7 @@ class ShuntConnections(Method):
 
     def data_fn(self, optim):
         """Training batches of the training split only."""
-        data, seed, subset = self.ctx.data, self.step.run.seed, self.indices("train")
-
-        def fn(epoch, context):
-            return data.train(context.get_per_replica_batch_size(optim.batch_size), epoch, seed,
-                              num_shards=context.num_input_pipelines, shard_index=context.input_pipeline_id,
-                              subset=subset)
-
-        return fn
+        return self.ctx.train_data_fn(optim, subset=self.indices("train"))
 
     def optim_on_split(self, **changes):
         """The step's optimisation with `changes`, in epochs of the training split (or `--steps_per_epoch`
