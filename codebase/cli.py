@@ -13,9 +13,11 @@ def guarded(main):
 
     def wrapper(argv=None):
         from utils.errors import ToolkitError
+        from utils.memory import frozen_heap
 
         try:
-            return main(argv)
+            with frozen_heap():  # the imported modules stay out of every garbage collection of the run
+                return main(argv)
         except ToolkitError as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None

@@ -28,6 +28,8 @@ tf.config.set_logical_device_configuration(
 
 import pytest  # noqa: E402
 
+import gc  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _global_seed():
@@ -35,4 +37,14 @@ def _global_seed():
     # determinism refuses unseeded random ops; a fixed global seed per test keeps tests
     # independent of the order they run in.
     tf.random.set_seed(0)
+    yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _frozen_modules():
+    # What every script's run does (codebase.cli, utils.memory.frozen_heap): the objects alive once
+    # the tests are collected (TensorFlow's modules, the toolkit's, the tests') are left out of every
+    # garbage collection after; what the tests make is collected as usual. (The scripts' own
+    # frozen_heap is then a no-op: freezing at each run would also freeze earlier tests' garbage.)
+    gc.freeze()
     yield

@@ -6,10 +6,15 @@ without help the process's peak is the last stage's peak *plus* what earlier sta
 `release_freed_memory()` between stages collects Python's reference cycles (traced tf.functions
 sit in them) and asks glibc to trim its arenas. TensorFlow's own CPU allocator pool is not touched:
 it keeps what it reserved, and the next stage reuses it.
+
+`frozen_heap()` around a script's run leaves the objects alive when it starts (the imported
+modules: TensorFlow's Python side is millions of objects) out of every collection during the run,
+Python's automatic ones included: measured 25% of a small run's wall time on a 2-core CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import gc
@@ -24,6 +29,21 @@ def _malloc_trim():
         return getattr(ctypes.CDLL(None), "malloc_trim", None)
     except OSError:
         return None
+
+
+@contextlib.contextmanager
+def frozen_heap():
+    """Within the block, the objects alive at its start are never scanned by the garbage collector
+    (`gc.freeze`); at its end they are collectable again (`gc.unfreeze`). A heap already frozen when
+    the block begins is left as it is (whoever froze it owns the unfreezing)."""
+    if gc.get_freeze_count() > 0:
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def release_freed_memory() -> bool:

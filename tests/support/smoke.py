@@ -1,7 +1,9 @@
 """The methods' smoke runs, shared by tests/codebase/test_methods.py and test_methods_pruning.py.
 
-Every registered method runs end to end through `train_cifar.py`, once, on tiny data with two
-replicas and accumulation. A new method registers its tiny options in `SMOKE` (a test fails until
+Every registered method runs end to end through `train_cifar.py`, once, on tiny data with
+accumulation; the methods in `REPLICATED` (one of each kind of stage: EKG's search and memory bank,
+the shunt and data-free procedures, a policy search) and the chains run on two replicas, the rest
+on one (a second replica doubles a run's tracing, and the engine's own tests cover replicas). A new method registers its tiny options in `SMOKE` (a test fails until
 it does); the pruning methods' runs are collected in their own test file (`PRUNING`), so that the
 two halves of the slowest tests run on two test workers side by side.
 """
@@ -21,7 +23,8 @@ from tests.support.data import write_cifar10, write_mnist
 from utils.params_io import load_params
 
 ENGINE = ["--train_epoch", "1", "--steps_per_epoch", "2", "--batch_size", "8", "--val_batch_size", "8",
-          "--do_log", "1", "--baseline_epoch", "1", "--num_replicas", "2", "--accum", "2"]
+          "--do_log", "1", "--baseline_epoch", "1", "--accum", "2"]
+REPLICATED = ("ekg", "shunt", "dfkd", "rl_uq")
 RL = ["--rl_rollouts", "3", "--rl_warmup", "2", "--rl_val_images", "8", "--rl_bn_images", "8", "--rl_batch_size", "2"]
 # Per method: the net and data of its smoke run and tiny options (big_vision's runlocal configs).
 # LeNet-5 on MNIST traces fastest; methods that need BatchNorm run ResNet-8 on CIFAR-10.
@@ -82,7 +85,9 @@ def make_data(tmp_path_factory):
 
 def args_of(method, data, run, *extra):
     arch, options = SMOKE[method.split(",")[-1]]
-    return ["--method", method, "--arch", arch, *data[arch], "--train_path", str(run), *ENGINE, *options, *extra]
+    replicas = "2" if "," in method or method in REPLICATED else "1"
+    return ["--method", method, "--arch", arch, *data[arch], "--train_path", str(run), *ENGINE,
+            "--num_replicas", replicas, *options, *extra]
 
 
 def run_method(method, data, tmp_path_factory):

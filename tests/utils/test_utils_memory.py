@@ -1,5 +1,8 @@
-"""release_freed_memory hands freed heap back to the OS; resident_mb reads the process's RSS."""
+"""release_freed_memory hands freed heap back to the OS; resident_mb reads the process's RSS;
+frozen_heap keeps the objects alive at its start out of the collections inside it."""
 
+import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -35,3 +38,38 @@ def test_resident_mb_sees_a_large_allocation():
 def test_describe_resident_names_megabytes():
     text = describe_resident()
     assert text.endswith(" MB resident") and float(text.split()[0]) > 0
+
+
+# In a fresh interpreter: the test harness freezes its own heap (tests/conftest.py).
+FROZEN_HEAP = """
+import gc, weakref
+from utils.memory import frozen_heap
+class Node: pass
+def cycle():
+    node = Node(); node.self = node  # a reference cycle nothing else points to
+    return weakref.ref(node)
+old = cycle()
+with frozen_heap():
+    new = cycle()
+    gc.collect()
+    assert old() is not None and new() is None, "the old cycle is frozen, the new one collected"
+    count = gc.get_freeze_count()
+    with frozen_heap():  # nested: a no-op, the outer block owns the unfreezing
+        assert gc.get_freeze_count() == count
+    assert gc.get_freeze_count() == count > 0
+assert gc.get_freeze_count() == 0
+gc.collect()
+assert old() is None, "collectable again after the block"
+try:
+    with frozen_heap():
+        raise ValueError
+except ValueError:
+    pass
+assert gc.get_freeze_count() == 0, "unfrozen when the block raises"
+"""
+
+
+def test_frozen_heap_spares_what_was_alive_and_frees_it_afterwards():
+    root = pathlib.Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", FROZEN_HEAP], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
