@@ -7,6 +7,9 @@ scored the same way, no search). Configurations:
 
 * `cp45`: channel pruning to 45% of the FLOPs (`rl_cp`, L1 inner pruner), then `--finetune_epochs`
   of fine-tuning; reward: held-out top-1;
+* `cp45cp`: the same with the `cp` inner pruner: roll-outs keep LASSO's channels, the final net is
+  pruned by LASSO and least squares (`cp`) at the ratios found (the uniform run: `cp` at uniform
+  ratios);
 * `uq4`, `uq2`: uniform quantization of the weights at 4 / 2 equivalent bits (`rl_uq`, bits in
   [2, 8] / [1, 8]), then `--qat_epochs` of quantization-aware training; reward: minus the held-out
   loss (the net was trained on the held-out images too: their top-1 saturates at 4 bits).
@@ -33,6 +36,8 @@ from ekg_cifar import percent_mean_sd, read
 
 CONFIGS = {
     "cp45": ("rl_cp", ["--search_target_rate", "0.45", "--rl_reward", "top1"], "finetune_epochs"),
+    "cp45cp": ("rl_cp", ["--search_target_rate", "0.45", "--rl_reward", "top1", "--rl_pruner", "cp"],
+               "finetune_epochs"),
     "uq4": ("rl_uq", ["--uq_weight_bits", "4", "--rl_reward", "loss"], "qat_epochs"),
     "uq2": ("rl_uq", ["--uq_weight_bits", "2", "--rl_min_bits", "1", "--rl_reward", "loss"], "qat_epochs"),
 }

@@ -9,7 +9,8 @@ traced evaluation serves every roll-out.
 * `ChannelEnv` (He et al.'s AMC, PocketFlow's `cp` auto protocol): a preserve ratio per channel
   group that channel pruning prunes, in [`min_ratio`, 1]. A group's width is capped so that, with
   every later group at its minimum, the FLOPs (EKG convention) stay at or under the target. The
-  channels kept are the largest-L1 filters of the trained net (the inner pruner). State (AMC):
+  channels kept are chosen by the inner pruner, `select(group, count)`: by default the largest-L1
+  filters of the trained net; `--rl_pruner cp` passes LASSO's choice (He et al.). State (AMC):
   position, group size, input channels, kernel area and stride of its readers, its input map
   size, its layers' FLOPs, the FLOPs removed so far, the FLOPs of the groups still to come, the
   previous action.
@@ -108,11 +109,13 @@ class ChannelEnv(Env):
         groups: keys of the groups to decide, in network order (`channel_stats.problems`).
         target_rate: FLOPs at most this fraction of the unpruned net's.
         min_ratio: the smallest preserve ratio of a group.
+        select: `select(group key, count)` -> the indices of the channels a roll-out keeps; None:
+            the `count` largest-L1 filters.
     """
 
     kind = "channels"
 
-    def __init__(self, net, groups, target_rate: float, min_ratio: float):
+    def __init__(self, net, groups, target_rate: float, min_ratio: float, select=None):
         super().__init__(groups)
         self.net, self.target_rate, self.min_ratio = net, float(target_rate), float(min_ratio)
         self.budget = FlopsBudget(net)
@@ -123,7 +126,10 @@ class ChannelEnv(Env):
         if floor > self.limit:
             raise ConfigError(f"--search_target_rate {target_rate} is below {floor / self.budget.full_flops:.4f}, the "
                               f"FLOPs of {net.arch} with every pruned group at --rl_min_ratio {min_ratio}")
-        self.scores = filter_l1(net)
+        if select is None:
+            scores = filter_l1(net)
+            select = lambda key, count: keep_top(scores, {key: count})[key]  # noqa: E731
+        self.select = select
         static = []
         for k in self.keys:
             readers = [layer for layer in self.budget.touching[k] if isinstance(layer, Conv2d) and layer.in_group.key == k]
@@ -173,8 +179,8 @@ class ChannelEnv(Env):
         return {k: max(self.lowest[k], widths[k]) for k in self.keys}
 
     def apply(self, policy):
-        for k, kept in keep_top(self.scores, {k: int(policy[k]) for k in self.keys}).items():
-            self.net.groups[k].keep(kept)
+        for k in self.keys:
+            self.net.groups[k].keep(self.select(k, int(policy[k])))
 
     def summary(self, policy):
         return {"flops_rate": self.budget.rate(self.widths(policy))}

@@ -12,9 +12,12 @@ Each is its learner (`cp`, `ws`, `uq`, `nuq`) with a `search` stage in front:
    the trace counts, roll-outs per hour) and `policy.json`, the best policy in the learner's list
    format.
 2. the learner's own stages, with its list protocol reading `policy.json`:
-   * `rl_cp`: preserve ratios of the groups channel pruning prunes, under `--search_target_rate`
-     (roll-outs keep the largest-L1 filters; `--rl_pruner cp` then prunes with LASSO at those
-     ratios, `l1` by L1 norm), then fine-tuning;
+   * `rl_cp`: preserve ratios of the groups channel pruning prunes, under `--search_target_rate`,
+     then fine-tuning. The inner pruner `--rl_pruner`: `l1` keeps the largest-L1 filters, in the
+     roll-outs and in the final net; `cp` keeps in each roll-out the channels LASSO chooses on the
+     trained net's statistics (sampled once, each (group, count) solved once), without the
+     least-squares refit, and prunes the final net with the full procedure (LASSO and least squares
+     layer by layer on the net pruned so far) at the ratios found;
    * `rl_ws`: per-layer sparsities under `--ws_sparsity`, the first layer and the classifier dense;
    * `rl_uq` / `rl_nuq`: per-layer weight bits in [`--rl_min_bits`, `--rl_max_bits`] under
      `--uq_weight_bits` / `--nuq_weight_bits` equivalent bits, then quantization-aware training.
@@ -134,8 +137,9 @@ class BitRange(Options):
 @dataclasses.dataclass(frozen=True)
 class RLCPOptions(CPOptions, RLOptions):
     rl_min_ratio: float = option(0.2, "smallest preserve ratio of a group")
-    rl_pruner: str = option("l1", "the learner pruning at the found ratios: l1 (the filters the roll-outs kept) or "
-                                  "cp (LASSO + least squares)", choices=("l1", "cp"))
+    rl_pruner: str = option("l1", "the inner pruner: l1 (the largest-L1 filters, in the roll-outs and the final net) or "
+                                  "cp (LASSO's channels in the roll-outs; LASSO + least squares for the final net)",
+                            choices=("l1", "cp"))
 
     def validate(self, **context) -> None:
         super().validate(**context)
@@ -272,8 +276,28 @@ class PolicyChannelPruning(_Searching, ChannelPruning):
         return self.step.start_net(masked=True)
 
     def environment(self, net):
-        groups = [p.group for p in channel_stats.problems(net, streams=self.options.cp_streams)]
-        return ChannelEnv(net, groups, self.options.search_target_rate, self.options.rl_min_ratio), set()
+        problems = channel_stats.problems(net, streams=self.options.cp_streams)
+        select = self._lasso_choice(problems) if self.options.rl_pruner == "cp" else None
+        return ChannelEnv(net, [p.group for p in problems], self.options.search_target_rate, self.options.rl_min_ratio,
+                          select), set()
+
+    def _lasso_choice(self, problems):
+        """`select(group, count)`: LASSO's channels on the trained net's statistics (`--cp_batches` of
+        training images), each (group, count) solved once for the whole search."""
+        began = time.perf_counter()
+        local = self.step.start_net(masked=True, local=True)
+        stats = self.sampler(local, None).collect(problems, self._batches())
+        log.info("%s: channel statistics of %d groups for LASSO's choice in %.1f s", self.name, len(problems),
+                 time.perf_counter() - began)
+        chosen = {}
+
+        def select(key, count):
+            if (key, count) not in chosen:
+                size = local.groups[key].size
+                chosen[key, count] = np.sort(self.select(stats[key], count)) if count < size else np.arange(size)
+            return chosen[key, count]
+
+        return select
 
     def prune(self):
         if self.options.rl_pruner == "cp":

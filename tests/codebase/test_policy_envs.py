@@ -77,6 +77,25 @@ def test_channel_policy_becomes_the_largest_l1_filters_and_a_ratio_file(masked_r
         group.reset()
 
 
+def test_a_roll_out_keeps_the_channels_its_inner_pruner_chooses(masked_resnet):
+    asked = []
+
+    def last_channels(key, count):  # an inner pruner unlike L1: the highest indices
+        asked.append((key, count))
+        return np.arange(masked_resnet.groups[key].size - count, masked_resnet.groups[key].size)
+
+    groups = [p.group for p in channel_stats.problems(masked_resnet, streams=True)]
+    env = ChannelEnv(masked_resnet, groups, 0.5, 0.2, select=last_channels)
+    policy, _ = roll(env, np.full(len(env.keys), 0.5))
+    env.apply(policy)
+    assert sorted(asked) == sorted(policy.items())
+    for key in env.keys:
+        size = masked_resnet.groups[key].size
+        assert list(masked_resnet.groups[key].kept()) == list(range(size - policy[key], size))
+    for group in masked_resnet.groups.values():
+        group.reset()
+
+
 def test_channel_uniform_policy_meets_the_target_with_one_fraction(masked_resnet):
     env = channel_env(masked_resnet)
     rate = env.summary(env.uniform())["flops_rate"]

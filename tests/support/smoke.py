@@ -187,6 +187,7 @@ def check_policy(run, results, data, capsys):
         assert abs(results["sparsity"] - 0.5) < 0.01
     else:
         assert results["flops_rate"] <= 0.7
+        assert "channel statistics of" in (run / "log.txt").read_text()  # --rl_pruner cp: LASSO's choice
 
 
 CHECKS = {"kd": check_kd, "ekg": check_ekg, "resrep": check_resrep, **{m: check_policy for m in (
