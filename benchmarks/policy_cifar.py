@@ -18,6 +18,8 @@ scored the same way, no search). Configurations:
         --trained_param ../shared/data/pretrained/res56_cifar10.pkl --configs cp45 uq4 uq2 --seeds 0 1 2 \\
         --out runs/policy_bench
 
+Searches of PocketFlow's length by default (200 roll-outs, 50 of them random warm-up); `--rollouts 40
+--warmup 10` for the short ones. Each budget needs its own `--out` (finished runs are not redone).
 Writes `<out>/results.json` (finished runs are kept across interruptions and not redone) and prints a
 Markdown table: the held-out score of the uniform policy and of the best roll-out, test top-1 after
 the learner for uniform and RL (mean +- sd), roll-outs, search seconds and roll-outs per hour.
@@ -105,8 +107,8 @@ def main(argv=None):
     parser.add_argument("--trained_param", required=True)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--rollouts", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--rollouts", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--val_images", type=int, default=500)
     parser.add_argument("--bn_images", type=int, default=256)
     parser.add_argument("--tune_steps", type=int, default=0)
