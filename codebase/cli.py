@@ -13,11 +13,9 @@ def guarded(main):
 
     def wrapper(argv=None):
         from utils.errors import ToolkitError
-        from utils.memory import frozen_heap
 
         try:
-            with frozen_heap():  # the imported modules stay out of every garbage collection of the run
-                return main(argv)
+            return main(argv)
         except ToolkitError as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
@@ -32,7 +30,10 @@ def training_main(script: dict, description: str):
     def main(argv=None):
         from codebase.config import parse_config
         from codebase.pipeline import run
+        from utils.memory import frozen_heap
 
-        return run(parse_config(argv, script, description=description))
+        # After the imports: TensorFlow's modules and the toolkit's stay out of every collection of the run.
+        with frozen_heap():
+            return run(parse_config(argv, script, description=description))
 
     return main

@@ -4,6 +4,7 @@ The CPU is split into two logical devices before TensorFlow initialises so that
 multi-replica code (MirroredStrategy) runs on a CPU-only machine, and each pytest-xdist worker
 gets its share of the cores.
 """
+import gc
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -27,8 +28,6 @@ tf.config.set_logical_device_configuration(
 
 
 import pytest  # noqa: E402
-
-import gc  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -206,9 +206,13 @@ class _ChannelPruning(PruneMethod):
             raise ConfigError("channel pruning found no training images")
         return batches
 
+    def kept_channels(self, stats: channel_stats.GroupStats, keep: int, size: int) -> np.ndarray:
+        """The sorted indices of the `keep` of `size` channels `select` chooses (all when keep >= size)."""
+        return np.sort(self.select(stats, keep)) if keep < size else np.arange(size)
+
     def _prune_group(self, net, problem, stats, keep: int) -> None:
         group = net.groups[problem.group]
-        kept = np.sort(self.select(stats, keep)) if keep < group.size else np.arange(group.size)
+        kept = self.kept_channels(stats, keep, group.size)
         for key in problem.convs:
             conv = net.layers[key]
             kh, kw = conv.kernel_size

@@ -293,8 +293,7 @@ class PolicyChannelPruning(_Searching, ChannelPruning):
 
         def select(key, count):
             if (key, count) not in chosen:
-                size = local.groups[key].size
-                chosen[key, count] = np.sort(self.select(stats[key], count)) if count < size else np.arange(size)
+                chosen[key, count] = self.kept_channels(stats[key], count, local.groups[key].size)
             return chosen[key, count]
 
         return select

@@ -3,9 +3,10 @@
 Every registered method runs end to end through `train_cifar.py`, once, on tiny data with
 accumulation; the methods in `REPLICATED` (one of each kind of stage: EKG's search and memory bank,
 the shunt and data-free procedures, a policy search) and the chains run on two replicas, the rest
-on one (a second replica doubles a run's tracing, and the engine's own tests cover replicas). A new method registers its tiny options in `SMOKE` (a test fails until
-it does); the pruning methods' runs are collected in their own test file (`PRUNING`), so that the
-two halves of the slowest tests run on two test workers side by side.
+on one (a second replica doubles a run's tracing, and the engine's own tests cover replicas). A new
+method registers its tiny options in `SMOKE` (a test fails until it does); the pruning methods' runs
+are collected in their own test file (`PRUNING`), so that the two halves of the slowest tests run on
+two test workers side by side.
 """
 
 import collections
