@@ -105,20 +105,20 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import nets
 
-    model = cifar_resnet(args.depth)
-    net = nets.build(f"ResNet-{args.depth}", masked=False)
+    return compare_counts(cifar_resnet(args.depth), nets.build(f"ResNet-{args.depth}", masked=False))
+
+
+def compare_counts(model, net) -> int:
+    """Print the trainable parameter counts of a Keras `model` and the toolkit's `net`; 0 if equal."""
     ours = trainable_count(model.trainable_weights)
     theirs = trainable_count(net.trainable_variables)
-    print(f"keras ResNet-{args.depth}: {ours:,} trainable params "
-          f"({len(model.trainable_weights)} variables)")
-    print(f"toolkit ResNet-{args.depth}: {theirs:,} trainable params "
-          f"({len(net.trainable_variables)} variables)")
+    print(f"keras {net.arch}: {ours:,} trainable params ({len(model.trainable_weights)} variables)")
+    print(f"toolkit {net.arch}: {theirs:,} trainable params ({len(net.trainable_variables)} variables)")
     if ours != theirs:
         print("MISMATCH")
         return 1
     print("match")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

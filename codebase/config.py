@@ -59,6 +59,9 @@ class RunConfig(Options):
     accum: int = option(1, "micro-batches per step (gradient accumulation; equals the large batch)")
     compile: str = option("auto", "XLA for the per-replica step: auto (on with a GPU, off on CPU), on or off",
                           choices=("auto", "on", "off"))
+    precision: str = option("float32", "arithmetic of the traced functions: float32, or bfloat16 (grappler's oneDNN "
+                                       "rewrite; needs a CPU with AVX512-BF16 or AMX; changes numerics)",
+                            choices=("float32", "bfloat16"))
     recompute: bool = option(False, "recompute each network segment's activations in the backward pass instead of "
                                     "keeping them (same results; ResNets train in about a quarter of the activation "
                                     "memory for about a third more compute)", run_control=True)

@@ -28,7 +28,7 @@ from op_utils.evaluate import Evaluator
 from op_utils.strategy import make_strategy, resolve_xla
 from op_utils.task import Classify
 from op_utils.trainer import Trainer
-from utils.devices import describe_devices
+from utils.devices import describe_devices, use_precision
 from utils.errors import ConfigError
 from utils.logs import get_logger
 
@@ -45,6 +45,7 @@ class RunContext:
         run = cfg.run
         self.strategy = make_strategy(run.gpu_id, run.num_replicas)
         self.xla = resolve_xla(run.compile)
+        use_precision(run.precision)
         options = dataset_options(run.dataset, run.image_size)
         if run.cifar_padding != "reflect":
             options["padding"] = run.cifar_padding

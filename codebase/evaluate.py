@@ -37,6 +37,8 @@ def parse_args(argv):
     p.add_argument("--gpu_id", default=None)
     p.add_argument("--num_replicas", type=int, default=1)
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"))
+    p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
+                   help="float32, or bfloat16 (grappler's oneDNN rewrite; needs a CPU with AVX512-BF16 or AMX)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     for name in ("val_batch_size", "batch_size", "latency_runs", "num_replicas", "pad_to"):
@@ -73,10 +75,11 @@ def evaluate(args) -> dict:
     from dataloader import build_dataset
     from op_utils.evaluate import Evaluator
     from op_utils.strategy import make_strategy, resolve_xla
-    from utils.devices import describe_devices
+    from utils.devices import describe_devices, use_precision
 
     strategy = make_strategy(args.gpu_id, args.num_replicas)
     xla = resolve_xla(args.compile)
+    use_precision(args.precision)
     data = build_dataset(args.dataset, args.data_path, **dataset_options(args.dataset, args.image_size))
     info = data.info
     arch = args.arch or (None if read_spec(args.trained_param) else "ResNet-56")

@@ -9,10 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
-from utils.devices import has_gpu, split_cpu, visible_gpus
+from utils.devices import cpu_flags, has_gpu, split_cpu, use_precision, visible_gpus
 from utils.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,3 +84,47 @@ def test_no_gpus_on_a_cpu_machine(started):
     assert visible_gpus("") == []
     assert visible_gpus(None) == []
     assert visible_gpus(" , ") == []
+
+
+_BF16 = "auto_mixed_precision_onednn_bfloat16"
+
+
+@pytest.fixture
+def grappler_restored():
+    before = bool(tf.config.optimizer.get_experimental_options().get(_BF16, False))
+    yield
+    tf.config.optimizer.set_experimental_options({_BF16: before})
+
+
+def test_float32_precision_changes_nothing(grappler_restored):
+    before = tf.config.optimizer.get_experimental_options()
+    use_precision("float32", flags=set())
+    assert tf.config.optimizer.get_experimental_options() == before
+
+
+@pytest.mark.parametrize("precision,flags,words", [
+    ("bfloat16", {"avx2", "avx512f"}, ["--precision bfloat16", "avx512_bf16", "amx_bf16"]),
+    ("float16", {"avx512_bf16"}, ["--precision", "float16"]),
+])
+def test_precision_refused_in_one_line(grappler_restored, precision, flags, words):
+    with pytest.raises(ConfigError) as info:
+        use_precision(precision, flags=flags)
+    assert all(word in str(info.value) for word in words) and "\n" not in str(info.value)
+    assert not tf.config.optimizer.get_experimental_options().get(_BF16, False)
+
+
+def test_bfloat16_precision_turns_on_the_onednn_rewrite(grappler_restored):
+    use_precision("bfloat16", flags={"amx_bf16"})
+    assert tf.config.optimizer.get_experimental_options()[_BF16] is True
+
+
+@pytest.mark.skipif(not cpu_flags() & {"avx512_bf16", "amx_bf16"}, reason="no native bfloat16 on this CPU")
+def test_bfloat16_traced_conv_is_close_to_float32(grappler_restored):
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.standard_normal((4, 16, 16, 8)), tf.float32)
+    kernel = tf.constant(rng.standard_normal((3, 3, 8, 16)) / 8, tf.float32)
+    reference = tf.nn.conv2d(x, kernel, 1, "SAME")
+    use_precision("bfloat16")
+    traced = tf.function(lambda a, k: tf.nn.relu(tf.nn.conv2d(a, k, 1, "SAME")))(x, kernel)
+    error = float(tf.reduce_max(tf.abs(traced - tf.nn.relu(reference))))
+    assert 0 < error < 0.05 * float(tf.reduce_max(tf.abs(reference)))  # rewritten, and within bfloat16's 8 bits
