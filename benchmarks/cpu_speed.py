@@ -71,7 +71,7 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--no_train", action="store_true", help="inference only")
     p.add_argument("--child_env", nargs="*", default=[], metavar="NAME=VALUE",
                    help="environment of the toolkit and fit children (a lever: TF_NUM_INTEROP_THREADS=1, ...)")
-    p.add_argument("--toolkit_flags", default="", help="extra flags of the toolkit child: --bf16, --inter_op N")
+    p.add_argument("--toolkit_flags", default="", help="extra flags of the toolkit child: --inter_op N, --intra_op N")
     p.add_argument("--out", default="runs/cpu_speed")
     # child mode
     p.add_argument("--child", choices=(*IMPLS, "params"))
@@ -79,6 +79,7 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--variant", default="full", help="full | ekg45 | ekg45_pad8 | ekg45_pad16")
     p.add_argument("--bf16", action="store_true", help="toolkit child: grappler's oneDNN bfloat16 rewrite")
     p.add_argument("--inter_op", type=int, default=0, help="toolkit child: inter-op threads (0: TF's default)")
+    p.add_argument("--intra_op", type=int, default=0, help="toolkit child: intra-op threads (0: TF's default)")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.steps < 1 or args.latency_runs < 4 or args.batch_size < 2:
         p.error("--rounds, --steps must be positive, --latency_runs at least 4, --batch_size at least 2")
@@ -167,11 +168,14 @@ def _child_toolkit(args) -> dict:
     sys.path.insert(0, ROOT)
     from op_utils.strategy import make_strategy
 
-    strategy = make_strategy(None, 1)  # before any other TF op, as every script
     import tensorflow as tf
 
+    # Thread pools are fixed when the runtime starts, so before make_strategy's first device query.
     if args.inter_op:
         tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
+    if args.intra_op:
+        tf.config.threading.set_intra_op_parallelism_threads(args.intra_op)
+    strategy = make_strategy(None, 1)  # before any other TF op, as every script
     if args.bf16:
         from utils.devices import use_precision
 
