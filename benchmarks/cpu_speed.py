@@ -70,11 +70,11 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--latency_runs", type=int, default=40, help="timed batch-1 calls (a quarter at the large batch)")
     p.add_argument("--no_train", action="store_true", help="inference only")
     p.add_argument("--child_env", nargs="*", default=[], metavar="NAME=VALUE",
-                   help="environment of the toolkit and fit children (a lever: TF_NUM_INTEROP_THREADS=1, ...)")
+                   help="environment of the TensorFlow children (toolkit, fit, tflite): a lever, e.g. TF_NUM_INTEROP_THREADS=1")
     p.add_argument("--toolkit_flags", default="", help="extra flags of the toolkit child: --inter_op N, --intra_op N")
     p.add_argument("--out", default="runs/cpu_speed")
     # child mode
-    p.add_argument("--child", choices=(*IMPLS, "params"))
+    p.add_argument("--child", choices=("params", "toolkit", "fit", "torch", "tflite"))
     p.add_argument("--arch")
     p.add_argument("--variant", default="full", help="full | ekg45 | ekg45_pad8 | ekg45_pad16")
     p.add_argument("--bf16", action="store_true", help="toolkit child: grappler's oneDNN bfloat16 rewrite")
@@ -316,18 +316,16 @@ CHILDREN = {"params": _child_params, "toolkit": _child_toolkit, "fit": _child_fi
 # === Parent ======================================================================================
 
 def _launch(args, child: str, arch: str, variant: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", child, "--arch", arch, "--variant", variant,
+    process = "toolkit" if child == "toolkit_bf16" else child  # the same child with --bf16
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", process, "--arch", arch, "--variant", variant,
            "--out", args.out, "--batch_size", str(args.batch_size), "--warmup", str(args.warmup),
            "--steps", str(args.steps), "--latency_runs", str(args.latency_runs),
            "--resnet56_params", args.resnet56_params, *(["--no_train"] if args.no_train else [])]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
-    if child in ("toolkit", "toolkit_bf16", "fit", "tflite"):
+    if process != "torch":
         env.update(item.split("=", 1) for item in args.child_env)
-    if child.startswith("toolkit"):
-        cmd += args.toolkit_flags.split()
-    if child == "toolkit_bf16":
-        cmd[cmd.index("--child") + 1] = "toolkit"
-        cmd.append("--bf16")
+    if process == "toolkit":
+        cmd += [*args.toolkit_flags.split(), *(["--bf16"] if child == "toolkit_bf16" else [])]
     load = os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -26,6 +26,8 @@ from codebase import presets
 from codebase.options import Options, build, fraction, option, positive, run_control_fields
 from utils.errors import ConfigError
 
+PRECISIONS = ("float32", "bfloat16")  # --precision (utils.devices.use_precision)
+
 
 # The formats of `codebase.export` (kept here, where flags are checked before TensorFlow is imported).
 EXPORT_FORMATS = ("saved_model", "tflite_fp32", "tflite_fp16", "tflite_dynamic_int8", "tflite_int8")
@@ -61,7 +63,7 @@ class RunConfig(Options):
                           choices=("auto", "on", "off"))
     precision: str = option("float32", "arithmetic of the traced functions: float32, or bfloat16 (grappler's oneDNN "
                                        "rewrite; needs a CPU with AVX512-BF16 or AMX; changes numerics)",
-                            choices=("float32", "bfloat16"))
+                            choices=PRECISIONS)
     recompute: bool = option(False, "recompute each network segment's activations in the backward pass instead of "
                                     "keeping them (same results; ResNets train in about a quarter of the activation "
                                     "memory for about a third more compute)", run_control=True)

@@ -7,7 +7,7 @@ import json
 import os
 import time
 
-from codebase.config import dataset_options
+from codebase.config import PRECISIONS, dataset_options
 from utils.errors import ConfigError
 
 
@@ -37,7 +37,7 @@ def parse_args(argv):
     p.add_argument("--gpu_id", default=None)
     p.add_argument("--num_replicas", type=int, default=1)
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"))
-    p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
+    p.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="float32, or bfloat16 (grappler's oneDNN rewrite; needs a CPU with AVX512-BF16 or AMX)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)

@@ -25,27 +25,32 @@ def use_bfc_allocator() -> None:
     os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 
-PRECISIONS = ("float32", "bfloat16")
+_PRECISIONS = ("float32", "bfloat16")  # the choices of --precision (codebase.config)
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of the CPUs with native bfloat16 arithmetic
+
+
+def _cpuinfo(field: str) -> Optional[str]:
+    """The value of the first `field` line of /proc/cpuinfo (Linux), or None."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith(field):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def cpu_flags() -> set:
     """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set((_cpuinfo("flags") or "").split())
 
 
-def use_precision(precision: str, flags: set | None = None) -> None:
+def use_precision(precision: str, flags: Optional[set] = None) -> None:
     """Sets the arithmetic of every function traced afterwards: ``float32`` (TensorFlow's own, no
     change) or ``bfloat16``, grappler's oneDNN rewrite of convolutions, matmuls and their gradients
     to bfloat16 with float32 variables. It changes numerics (8 mantissa bits), so it is an option,
-    never a default; on this project's AVX-512-BF16 CPU it trained ResNets 1.3-1.8x faster and ran
+    never a default; on this project's AVX-512-BF16 CPU it trained ResNets 1.5-1.7x faster and ran
     them at batch 128 about 2x faster (docs/benchmarks.md, section 13). A process-wide setting, made
     once at start-up like the thread pools.
 
@@ -53,8 +58,8 @@ def use_precision(precision: str, flags: set | None = None) -> None:
         ConfigError: an unknown precision, or bfloat16 on a GPU or on a CPU without native bfloat16
             arithmetic (AVX512-BF16 or AMX), where the rewrite is emulated and slower.
     """
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in _PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(_PRECISIONS)}, got {precision!r}")
     if precision == "float32":
         return
     if has_gpu():
@@ -168,13 +173,9 @@ def has_gpu() -> bool:
 
 def cpu_model() -> str:
     """The CPU's model name (from /proc/cpuinfo on Linux), or the platform's processor string."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    model = _cpuinfo("model name")
+    if model:
+        return model
     import platform
 
     return platform.processor() or platform.machine()
