@@ -20,6 +20,13 @@ def host() -> str:
     return f"{model}, {'AVX-512' if 'avx512f' in text else 'AVX2'}, {os.cpu_count()} CPUs"
 
 
+def write_json(path: str, obj) -> None:
+    """Write `obj` to `path` atomically (a temporary file, then a rename)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def run_child(argv: list, log_path: str) -> dict:
     """Run `python <argv>` from the repository root, output appended to `log_path`; `{"wall": s}`.
     A failure stops the benchmark with one line naming the log."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import json
 import os
 import sys
 import tempfile
@@ -26,13 +25,13 @@ import time
 
 import numpy as np
 
-from common import ROOT, host
+from common import ROOT, host, write_json
 
 # Trace events that are not kernels: the function call around the ops, the executor's own.
 _NOT_OPS = ("Process", "Run", "Record", "StartRegion", "StopRegion", "ExecutorState")
 
 
-def _tf_op_times(trace_dir: str, calls: int) -> collections.Counter:
+def tf_op_times(trace_dir: str, calls: int) -> collections.Counter:
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     space = xplane_pb2.XSpace()
@@ -90,7 +89,7 @@ def toolkit(arch: str, calls: int) -> dict:
             call()
         wall = (time.perf_counter() - start) / n * 1e3
         tf.profiler.experimental.stop()
-        out[label] = {"wall_ms": wall, "ops_ms": dict(_tf_op_times(trace, n).most_common())}
+        out[label] = {"wall_ms": wall, "ops_ms": dict(tf_op_times(trace, n).most_common())}
     return out
 
 
@@ -165,9 +164,7 @@ def main(argv=None) -> int:
         for label, entry in result[side].items():
             print(f"\n{side}: " + (entry if isinstance(entry, str) else table(label, entry, args.rows)))
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        write_json(args.json, result)
     return 0
 
 

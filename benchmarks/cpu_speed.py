@@ -8,6 +8,8 @@ implementation, one child process (fresh threads, nothing shared) measures:
   batch 1 and 128: as a TensorFlow graph (XLA off), XLA-compiled (`jit_compile=True`), and frozen (the
   variables turned into constants, so that the graph optimiser folds the BN into the kernels once);
 * `toolkit_bf16`: the same child with grappler's oneDNN bfloat16 rewrite on (`--precision bfloat16`);
+* `toolkit_1t`: the same child's inference with one intra-op thread (`test.py --intra_op_threads 1`,
+  set before the runtime starts), the single-image serving configuration;
 * `fit`: the same architecture as a Keras 3 functional model trained by `model.fit`
   (`keras_resnet.py`, `keras_mobilenet.py`);
 * `torch`: the same net with the same weights in PyTorch (`torch_nets.py`): a training step in NCHW and
@@ -24,7 +26,7 @@ EKG-slimmed ResNet-56 at 45% of the FLOPs (the widths of section 6's seed 0; lat
 the widths, so the weights are the seed's random ones) next to the unpruned one, with the widths padded
 to multiples of 8 and 16 (`nets.pad_channels`), for the pruned-to-unpruned latency ratios.
 
-    python benchmarks/cpu_speed.py --rounds 2 --out runs/cpu_speed            # everything, ~25 min here
+    python benchmarks/cpu_speed.py --rounds 2 --out runs/cpu_speed            # everything, ~35 min here
     python benchmarks/cpu_speed.py --archs ResNet-20 --impls toolkit torch     # a subset
     python benchmarks/cpu_speed.py --child toolkit --arch ResNet-56 --out runs/cpu_speed  # one child
 
@@ -43,9 +45,10 @@ import time
 
 import numpy as np
 
-from common import ROOT, host
+from common import ROOT, host, write_json
 
-IMPLS = ("toolkit", "toolkit_bf16", "fit", "torch", "tflite")
+IMPLS = ("toolkit", "toolkit_bf16", "toolkit_1t", "fit", "torch", "tflite")
+VARIANTS_OF = {"toolkit_bf16": ["--bf16"], "toolkit_1t": ["--intra_op", "1", "--no_train"]}  # the toolkit child's
 ARCHS = ("ResNet-56", "ResNet-20", "MobileNetV2")
 # Section 6's EKG ResNet-56 at 45% of the FLOPs, seed 0: stream widths, then each stage's block interiors.
 EKG45 = {"stem": 15, "stage1": 31, "stage2": 64,
@@ -94,7 +97,7 @@ def _params_file(args, arch: str, variant: str) -> str:
     return os.path.join(args.out, "params", f"{arch}_{variant.split('_pad')[0]}.npz")
 
 
-def _timed(call, runs: int) -> dict:
+def timed(call, runs: int) -> dict:
     """Median and minimum milliseconds of `runs` calls after two untimed ones."""
     call()
     call()
@@ -197,7 +200,7 @@ def _child_toolkit(args) -> dict:
     for name, forward in forwards.items():
         for size in (1, args.batch_size):
             x = tf.constant(_batch(args, size)[0])
-            out[f"{name}_b{size}"] = _timed(lambda: forward(x).numpy(), _runs(args, size))
+            out[f"{name}_b{size}"] = timed(lambda: forward(x).numpy(), _runs(args, size))
     if not args.no_train and args.variant == "full":
         with strategy.scope():
             optimizer = SGD(0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -270,7 +273,7 @@ def _child_torch(args) -> dict:
             out[f"max_logit_diff_{layout}"] = float(np.max(np.abs(net(check).numpy() - saved["__logits__"])))
             for size in (1, args.batch_size):
                 x = torch.from_numpy(_batch(args, size)[0]).permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
-                out[f"eager_{layout}_b{size}"] = _timed(lambda: net(x), _runs(args, size))
+                out[f"eager_{layout}_b{size}"] = timed(lambda: net(x), _runs(args, size))
         if args.no_train or args.variant != "full":
             continue
         net.train()
@@ -305,7 +308,7 @@ def _child_tflite(args) -> dict:
            "max_logit_diff": float(np.max(np.abs(runner(saved["__images__"]) - saved["__logits__"])))}
     for size in (1, args.batch_size):
         x = _batch(args, size)[0]
-        out[f"tflite_b{size}"] = _timed(lambda: runner(x), _runs(args, size))
+        out[f"tflite_b{size}"] = timed(lambda: runner(x), _runs(args, size))
     return out
 
 
@@ -316,7 +319,7 @@ CHILDREN = {"params": _child_params, "toolkit": _child_toolkit, "fit": _child_fi
 # === Parent ======================================================================================
 
 def _launch(args, child: str, arch: str, variant: str) -> dict:
-    process = "toolkit" if child == "toolkit_bf16" else child  # the same child with --bf16
+    process = "toolkit" if child in VARIANTS_OF else child  # the same child with other flags
     cmd = [sys.executable, os.path.abspath(__file__), "--child", process, "--arch", arch, "--variant", variant,
            "--out", args.out, "--batch_size", str(args.batch_size), "--warmup", str(args.warmup),
            "--steps", str(args.steps), "--latency_runs", str(args.latency_runs),
@@ -325,7 +328,7 @@ def _launch(args, child: str, arch: str, variant: str) -> dict:
     if process != "torch":
         env.update(item.split("=", 1) for item in args.child_env)
     if process == "toolkit":
-        cmd += [*args.toolkit_flags.split(), *(["--bf16"] if child == "toolkit_bf16" else [])]
+        cmd += [*args.toolkit_flags.split(), *VARIANTS_OF.get(child, [])]
     load = os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -346,7 +349,7 @@ def _jobs(args) -> list:
     if args.slimmed and "ResNet-56" in args.archs:
         for variant in ("ekg45", "ekg45_pad8", "ekg45_pad16"):
             jobs += [(impl, "ResNet-56", variant) for impl in args.impls
-                     if impl in ("toolkit", "toolkit_bf16", "tflite") or (impl == "torch" and "_pad" not in variant)]
+                     if impl in ("toolkit", *VARIANTS_OF, "tflite") or (impl == "torch" and "_pad" not in variant)]
     return jobs
 
 
@@ -383,7 +386,8 @@ def tables(saved: dict, batch: int) -> str:
                      f"{fmt(get('torch', arch, 'full', 'train_cl', 'images_per_s'))} | "
                      f"{fmt(ours / torch_best if ours and torch_best else None, '.2f')} |")
     columns = (("TF graph", "toolkit", "graph"), ("TF frozen", "toolkit", "frozen"), ("TF XLA", "toolkit", "xla"),
-               ("TF graph bfloat16", "toolkit_bf16", "graph"), ("TFLite", "tflite", "tflite"),
+               ("TF graph bfloat16", "toolkit_bf16", "graph"), ("TF graph 1 thread", "toolkit_1t", "graph"),
+               ("TF XLA 1 thread", "toolkit_1t", "xla"), ("TFLite", "tflite", "tflite"),
                ("PyTorch eager NCHW", "torch", "eager_nchw"), ("PyTorch eager channels-last", "torch", "eager_cl"))
     lines += ["", "| net | batch | " + " | ".join(c[0] for c in columns) + " |",
               "|---|---:|" + "---:|" * len(columns)]
@@ -415,13 +419,9 @@ def main(argv=None) -> int:
     for round_ in range(args.rounds):
         for job in (jobs if round_ % 2 == 0 else jobs[::-1]):
             saved["runs"].append(dict(_launch(args, *job), round=round_))
-            with open(path + ".tmp", "w") as f:
-                json.dump(saved, f, indent=1)
-            os.replace(path + ".tmp", path)
+            write_json(path, saved)
     saved["load_after"] = os.getloadavg()
-    with open(path + ".tmp", "w") as f:
-        json.dump(saved, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(path, saved)
     print(f"{saved['host']}; load {saved['load_before'][0]:.2f} -> {saved['load_after'][0]:.2f}")
     print(tables(saved, args.batch_size))
     return 0

@@ -22,6 +22,14 @@ def add_net_and_data_flags(p: argparse.ArgumentParser) -> None:
                         "is resized to it (LeNet-5-32: 32)")
 
 
+def add_thread_flags(p: argparse.ArgumentParser) -> None:
+    """TensorFlow's thread pools (test.py, export.py), sized before its runtime starts."""
+    p.add_argument("--intra_op_threads", type=int, default=0,
+                   help="threads inside one op; 0 = one per core. 1 is faster for batch-1 latency on a small CPU "
+                        "(docs/benchmarks.md section 13) and slower for large batches")
+    p.add_argument("--inter_op_threads", type=int, default=0, help="threads running independent ops; 0 = one per core")
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Evaluate a saved net (params pickle, with its spec if it has one).")
     add_net_and_data_flags(p)
@@ -39,8 +47,10 @@ def parse_args(argv):
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"))
     p.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="float32, or bfloat16 (grappler's oneDNN rewrite; needs a CPU with AVX512-BF16 or AMX)")
+    add_thread_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
+    check_thread_flags(args)
     for name in ("val_batch_size", "batch_size", "latency_runs", "num_replicas", "pad_to"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be positive, got {getattr(args, name)}")
@@ -50,6 +60,12 @@ def parse_args(argv):
     if not os.path.isfile(args.trained_param):
         raise ConfigError(f"--trained_param {args.trained_param} does not exist")
     return args
+
+
+def check_thread_flags(args) -> None:
+    for name in ("intra_op_threads", "inter_op_threads"):
+        if getattr(args, name) < 0:
+            raise ConfigError(f"--{name} must be 0 (one per core) or a count of threads, got {getattr(args, name)}")
 
 
 def measure_latency(net, batch_size: int, input_shape, runs: int, xla: bool) -> float:
@@ -75,8 +91,9 @@ def evaluate(args) -> dict:
     from dataloader import build_dataset
     from op_utils.evaluate import Evaluator
     from op_utils.strategy import make_strategy, resolve_xla
-    from utils.devices import describe_devices, use_precision
+    from utils.devices import describe_devices, use_precision, use_thread_pools
 
+    threads = use_thread_pools(args.intra_op_threads, args.inter_op_threads)  # before the runtime starts
     strategy = make_strategy(args.gpu_id, args.num_replicas)
     xla = resolve_xla(args.compile)
     use_precision(args.precision)
@@ -102,7 +119,7 @@ def evaluate(args) -> dict:
         "widths": net.widths(), "pad_to": args.pad_to,
         "latency_ms": measure_latency(net, args.batch_size, info.image_shape, args.latency_runs, xla),
         "batch_size": args.batch_size, "device": "GPU" if "GPU" in strategy.extended.worker_devices[0] else "CPU",
-        "devices": devices,
+        "devices": devices, "threads": threads,
     }
     if args.json:
         print(json.dumps(result))

@@ -13,7 +13,8 @@ never from the test set. The report is printed and written to `<out_dir>/export.
                           "eval": {"top1", "tf_top1", "max_abs_logit_diff", "argmax_agreement", "count"},
                           "latency_ms": {"batch_1", "batch_<N>"}}},  # TFLite formats only
      "tf": {"top1", "count", "latency_ms": {"batch_1", "batch_<N>"}},  # the TF model as test.py runs it
-     "latency": {"runs", "num_threads"}}
+     "latency": {"runs", "num_threads"},                               # LiteRT's threads
+     "tf_threads": {"intra_op", "inter_op"}}                           # TensorFlow's pools (0: one per core)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import os
 import numpy as np
 
 from codebase.config import dataset_options
-from codebase.evaluate import add_net_and_data_flags
+from codebase.evaluate import add_net_and_data_flags, add_thread_flags, check_thread_flags
 from utils.errors import ConfigError
 
 DEFAULT_FORMATS = "saved_model,tflite_fp32,tflite_fp16,tflite_dynamic_int8,tflite_int8"
@@ -53,8 +54,10 @@ def parse_args(argv):
     p.add_argument("--batch_size", type=int, default=128, help="batch of the evaluation and of the second latency")
     p.add_argument("--latency_runs", type=int, default=20)
     p.add_argument("--num_threads", type=int, default=None, help="LiteRT threads (default: the CPU count)")
+    add_thread_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
+    check_thread_flags(args)
     for name in ("batch_size", "latency_runs", "representative_images", "num_threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be positive, got {getattr(args, name)}")
@@ -159,7 +162,9 @@ def export(args) -> dict:
     from codebase.artifacts import load_net, read_spec
     from dataloader import build_dataset
     from utils.atomic import atomic_write_json
+    from utils.devices import use_thread_pools
 
+    threads = use_thread_pools(args.intra_op_threads, args.inter_op_threads)  # before the runtime starts
     data = build_dataset(args.dataset, args.data_path, **dataset_options(args.dataset, args.image_size))
     info = data.info
     arch = args.arch or (None if read_spec(args.trained_param) else "ResNet-56")
@@ -172,7 +177,7 @@ def export(args) -> dict:
     report = exporting.export_net(net, args.out_dir, args.formats, representative, sparse=SPARSE[args.sparse],
                                   int8_io=args.int8_io, num_threads=args.num_threads)
     report.update(trained_param=args.trained_param, dataset=info.name, sparse_flag=args.sparse,
-                  representative_images=count, int8_io=args.int8_io)
+                  representative_images=count, int8_io=args.int8_io, tf_threads=threads)
     if args.eval:
         compare(report, net, data, args.batch_size, args.num_threads)
     if args.latency:

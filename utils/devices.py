@@ -71,6 +71,40 @@ def use_precision(precision: str, flags: Optional[set] = None) -> None:
     tf.config.optimizer.set_experimental_options({"auto_mixed_precision_onednn_bfloat16": True})
 
 
+def use_thread_pools(intra_op: int = 0, inter_op: int = 0) -> dict:
+    """Sizes TensorFlow's thread pools: ``intra_op`` threads inside one op (a convolution's tiles),
+    ``inter_op`` threads running independent ops; 0 keeps TensorFlow's default (one per core). The
+    pools are fixed when the runtime starts, so this belongs at the start of an entry script, before
+    ``make_strategy``. One intra-op thread is what pays for single-image latency on a small CPU: on
+    this project's 2-core host the batch-1 graph of ResNet-20/56 and MobileNetV2 ran 20-30% faster
+    with one thread than with two (docs/benchmarks.md, section 13), while training and large
+    batches need every core, so neither is a default.
+
+    Returns:
+        ``{"intra_op": n, "inter_op": m}``, the pools in effect (0: TensorFlow's default).
+
+    Raises:
+        ConfigError: a negative count, or a count other than the one in effect once the runtime
+            has started.
+    """
+    threading = tf.config.threading
+    for flag, value, setter, getter in (
+            ("--intra_op_threads", intra_op, threading.set_intra_op_parallelism_threads,
+             threading.get_intra_op_parallelism_threads),
+            ("--inter_op_threads", inter_op, threading.set_inter_op_parallelism_threads,
+             threading.get_inter_op_parallelism_threads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{flag} must be a count of threads (0: one per core), got {value!r}")
+        if value:
+            try:
+                setter(value)
+            except RuntimeError:
+                raise ConfigError(f"{flag} {value} must be set before TensorFlow starts its runtime, which has "
+                                  f"started with {getter() or 'one per core'}") from None
+    return {"intra_op": threading.get_intra_op_parallelism_threads(),
+            "inter_op": threading.get_inter_op_parallelism_threads()}
+
+
 def split_cpu(n: int) -> List[str]:
     """Splits the first physical CPU into ``n`` logical devices.
 

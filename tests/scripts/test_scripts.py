@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import export as export_script
 import nets
 import test as test_script
 import train_cifar
@@ -166,6 +167,20 @@ def test_train_cifar_then_test_json(cifar_run, cifar, capsys):
     assert printed["top1"] == pytest.approx(results["top1"])
     assert printed["flops"] == pytest.approx(12.67e6, rel=1e-3) and printed["batch_size"] == 2
     assert out["count"] == 12
+
+
+def test_test_py_with_one_thread_per_pool_gives_the_same_results(cifar_run, cifar, capsys):
+    # The pools are fixed when TensorFlow starts, so the one-thread run is a fresh process.
+    argv = ["--arch", "ResNet-8", "--data_path", str(cifar), "--trained_param",
+            str(cifar_run.path / "trained_params.pkl"), "--json", "--latency_runs", "1"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "test.py", *argv, "--intra_op_threads", "1", "--inter_op_threads", "1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
+    one = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert one["threads"] == {"intra_op": 1, "inter_op": 1}
+    capsys.readouterr()
+    default = test_script.main(argv)
+    assert one["top1"] == default["top1"] and one["loss"] == pytest.approx(default["loss"], rel=1e-5)
 
 
 # === LeNet-5 on MNIST: stop, resume, crash ===
@@ -369,6 +384,19 @@ def test_bad_input_is_one_clear_line(argv, message, cifar, tmp_path, capsys):
     assert exit_.value.code == 2
     errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and message in errors[0], errors
+
+
+@pytest.mark.parametrize("script", ["test", "export"])
+def test_a_negative_thread_count_is_one_clear_line(script, cifar, tmp_path, capsys):
+    pickle_path = tmp_path / "net.pkl"
+    pickle_path.write_bytes(b"never read")
+    argv = ["--data_path", str(cifar), "--trained_param", str(pickle_path), "--intra_op_threads", "-2"]
+    main = test_script.main if script == "test" else export_script.main
+    with pytest.raises(SystemExit) as exit_:
+        main(argv + (["--out_dir", str(tmp_path / "out")] if script == "export" else []))
+    assert exit_.value.code == 2
+    errors = error_lines(capsys.readouterr().err)
+    assert errors == ["error: --intra_op_threads must be 0 (one per core) or a count of threads, got -2"], errors
 
 
 def test_bad_pickles_are_named(cifar, tmp_path, capsys):

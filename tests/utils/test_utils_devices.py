@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from utils.devices import cpu_flags, has_gpu, split_cpu, use_precision, visible_gpus
+from utils.devices import cpu_flags, has_gpu, split_cpu, use_precision, use_thread_pools, visible_gpus
 from utils.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,6 +57,23 @@ def test_split_cpu_before_tensorflow_starts_creates_the_devices():
     assert out.strip().splitlines()[-1] == (
         "['/device:CPU:0', '/device:CPU:1', '/device:CPU:2']"
     )
+
+
+def test_thread_pools_in_effect_are_kept_and_others_refused_once_started(started):
+    threading = tf.config.threading
+    now = {"intra_op": threading.get_intra_op_parallelism_threads(),
+           "inter_op": threading.get_inter_op_parallelism_threads()}
+    assert use_thread_pools() == now  # 0: TensorFlow's default, nothing changed
+    if now["intra_op"]:
+        assert use_thread_pools(now["intra_op"]) == now  # the count in effect is accepted
+    with pytest.raises(ConfigError) as info:
+        use_thread_pools(now["intra_op"] + 3)
+    assert "--intra_op_threads" in str(info.value) and "before TensorFlow starts" in str(info.value)
+    assert "\n" not in str(info.value)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="--inter_op_threads must be a count"):
+            use_thread_pools(0, bad)
+    assert use_thread_pools() == now
 
 
 def test_has_gpu_matches_tensorflow():
