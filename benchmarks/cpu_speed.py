@@ -15,6 +15,8 @@ implementation, one child process (fresh threads, nothing shared) measures:
 * `torch`: the same net with the same weights in PyTorch (`torch_nets.py`): a training step in NCHW and
   channels-last, and eager inference (`eval()`, `inference_mode`) at batch 1 and 128 in both layouts;
   skipped with a message when PyTorch is not installed (it is a dependency of this benchmark only);
+* `torch_export`: PyTorch's deployable forms of that net (channels-last): TorchScript traced, frozen and
+  `optimize_for_inference`d, and `torch.compile` (inductor), the peers of the TFLite file;
 * `tflite`: the toolkit's exported float32 TFLite file (`codebase.tflite`) in LiteRT, batch 1 and 128.
 
 The weights are made once (`params` child: the toolkit net at a fixed seed, or `--resnet56_params` for
@@ -47,7 +49,7 @@ import numpy as np
 
 from common import ROOT, host, write_json
 
-IMPLS = ("toolkit", "toolkit_bf16", "toolkit_1t", "fit", "torch", "tflite")
+IMPLS = ("toolkit", "toolkit_bf16", "toolkit_1t", "fit", "torch", "torch_export", "tflite")
 VARIANTS_OF = {"toolkit_bf16": ["--bf16"], "toolkit_1t": ["--intra_op", "1", "--no_train"]}  # the toolkit child's
 ARCHS = ("ResNet-56", "ResNet-20", "MobileNetV2")
 # Section 6's EKG ResNet-56 at 45% of the FLOPs, seed 0: stream widths, then each stage's block interiors.
@@ -77,7 +79,7 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--toolkit_flags", default="", help="extra flags of the toolkit child: --inter_op N, --intra_op N")
     p.add_argument("--out", default="runs/cpu_speed")
     # child mode
-    p.add_argument("--child", choices=("params", "toolkit", "fit", "torch", "tflite"))
+    p.add_argument("--child", choices=("params", "toolkit", "fit", "torch", "torch_export", "tflite"))
     p.add_argument("--arch")
     p.add_argument("--variant", default="full", help="full | ekg45 | ekg45_pad8 | ekg45_pad16")
     p.add_argument("--bf16", action="store_true", help="toolkit child: grappler's oneDNN bfloat16 rewrite")
@@ -293,6 +295,46 @@ def _child_torch(args) -> dict:
     return out
 
 
+def _child_torch_export(args) -> dict:
+    """PyTorch's deployable forms of the same net, channels-last, beside the TFLite file: TorchScript
+    (traced, frozen, `optimize_for_inference`) and `torch.compile` (inductor), each checked against
+    the reference logits; a form that fails is reported with its error's last line."""
+    try:
+        import torch
+    except ImportError:
+        return {"skipped": "PyTorch is not installed (pip install torch==2.13.0)"}
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from torch_nets import build
+
+    if "_pad" in args.variant:
+        return {"skipped": "padding is the toolkit's (PyTorch runs the net's own widths)"}
+    saved = np.load(_params_file(args, args.arch, args.variant))
+    net = build(args.arch, {k: saved[k] for k in saved.files if not k.startswith("__")})
+    net = net.to(memory_format=torch.channels_last).eval()
+
+    def nchw(images):
+        return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+
+    check = nchw(saved["__images__"])
+    makers = {"torchscript": lambda: torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(net, check))),
+              "compile": lambda: torch.compile(net)}
+    out = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    for name, make in makers.items():
+        try:
+            with torch.no_grad():
+                start = time.perf_counter()
+                model = make()
+                logits = model(check).numpy()
+                out[f"{name}_first_call_s"] = time.perf_counter() - start
+                out[f"max_logit_diff_{name}"] = float(np.max(np.abs(logits - saved["__logits__"])))
+                for size in (1, args.batch_size):
+                    x = nchw(_batch(args, size)[0])
+                    out[f"{name}_b{size}"] = timed(lambda: model(x), _runs(args, size))
+        except Exception as error:  # noqa: BLE001 (a form this PyTorch cannot build is a result)
+            out[f"{name}_error"] = (str(error).strip().splitlines() or [type(error).__name__])[-1][:300]
+    return out
+
+
 def _child_tflite(args) -> dict:
     sys.path.insert(0, ROOT)
     from op_utils.strategy import make_strategy
@@ -313,7 +355,7 @@ def _child_tflite(args) -> dict:
 
 
 CHILDREN = {"params": _child_params, "toolkit": _child_toolkit, "fit": _child_fit, "torch": _child_torch,
-            "tflite": _child_tflite}
+            "torch_export": _child_torch_export, "tflite": _child_tflite}
 
 
 # === Parent ======================================================================================
@@ -325,7 +367,7 @@ def _launch(args, child: str, arch: str, variant: str) -> dict:
            "--steps", str(args.steps), "--latency_runs", str(args.latency_runs),
            "--resnet56_params", args.resnet56_params, *(["--no_train"] if args.no_train else [])]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
-    if process != "torch":
+    if not process.startswith("torch"):
         env.update(item.split("=", 1) for item in args.child_env)
     if process == "toolkit":
         cmd += [*args.toolkit_flags.split(), *VARIANTS_OF.get(child, [])]
@@ -349,7 +391,7 @@ def _jobs(args) -> list:
     if args.slimmed and "ResNet-56" in args.archs:
         for variant in ("ekg45", "ekg45_pad8", "ekg45_pad16"):
             jobs += [(impl, "ResNet-56", variant) for impl in args.impls
-                     if impl in ("toolkit", *VARIANTS_OF, "tflite") or (impl == "torch" and "_pad" not in variant)]
+                     if impl in ("toolkit", *VARIANTS_OF, "tflite") or (impl.startswith("torch") and "_pad" not in variant)]
     return jobs
 
 
@@ -388,6 +430,7 @@ def tables(saved: dict, batch: int) -> str:
     columns = (("TF graph", "toolkit", "graph"), ("TF frozen", "toolkit", "frozen"), ("TF XLA", "toolkit", "xla"),
                ("TF graph bfloat16", "toolkit_bf16", "graph"), ("TF graph 1 thread", "toolkit_1t", "graph"),
                ("TF XLA 1 thread", "toolkit_1t", "xla"), ("TFLite", "tflite", "tflite"),
+               ("PyTorch TorchScript", "torch_export", "torchscript"), ("PyTorch torch.compile", "torch_export", "compile"),
                ("PyTorch eager NCHW", "torch", "eager_nchw"), ("PyTorch eager channels-last", "torch", "eager_cl"))
     lines += ["", "| net | batch | " + " | ".join(c[0] for c in columns) + " |",
               "|---|---:|" + "---:|" * len(columns)]
