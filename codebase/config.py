@@ -64,6 +64,10 @@ class RunConfig(Options):
     precision: str = option("float32", "arithmetic of the traced functions: float32, or bfloat16 (grappler's oneDNN "
                                        "rewrite; needs a CPU with AVX512-BF16 or AMX; changes numerics)",
                             choices=PRECISIONS)
+    intra_op_threads: int = option(0, "TensorFlow threads inside one op; 0 = one per core (fewer: a run that "
+                                      "shares the machine)", run_control=True)
+    inter_op_threads: int = option(0, "TensorFlow threads running independent ops; 0 = one per core",
+                                   run_control=True)
     recompute: bool = option(False, "recompute each network segment's activations in the backward pass instead of "
                                     "keeping them (same results; ResNets train in about a quarter of the activation "
                                     "memory for about a third more compute)", run_control=True)
@@ -86,6 +90,9 @@ class RunConfig(Options):
         positive(val_batch_size=self.val_batch_size, num_replicas=self.num_replicas, accum=self.accum,
                  do_log=self.do_log, baseline_epoch=self.baseline_epoch, ckpt_every_steps=self.ckpt_every_steps,
                  baseline_learning_rate=self.baseline_learning_rate, image_size=self.image_size)
+        for name in ("intra_op_threads", "inter_op_threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be 0 (one per core) or a count of threads, got {getattr(self, name)}")
         if self.trained_param is not None and not os.path.isfile(self.trained_param):
             raise ConfigError(f"--trained_param {self.trained_param} does not exist")
         dataset_options(self.dataset, self.image_size)

@@ -28,7 +28,7 @@ from op_utils.evaluate import Evaluator
 from op_utils.strategy import make_strategy, resolve_xla
 from op_utils.task import Classify
 from op_utils.trainer import Trainer
-from utils.devices import describe_devices, use_precision
+from utils.devices import describe_devices, use_precision, use_thread_pools
 from utils.errors import ConfigError
 from utils.logs import get_logger
 
@@ -43,6 +43,7 @@ class RunContext:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         run = cfg.run
+        use_thread_pools(run.intra_op_threads, run.inter_op_threads)  # before the runtime starts
         self.strategy = make_strategy(run.gpu_id, run.num_replicas)
         self.xla = resolve_xla(run.compile)
         use_precision(run.precision)

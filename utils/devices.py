@@ -76,7 +76,7 @@ def use_thread_pools(intra_op: int = 0, inter_op: int = 0) -> dict:
     ``inter_op`` threads running independent ops; 0 keeps TensorFlow's default (one per core). The
     pools are fixed when the runtime starts, so this belongs at the start of an entry script, before
     ``make_strategy``. One intra-op thread is what pays for single-image latency on a small CPU: on
-    this project's 2-core host the batch-1 graph of ResNet-20/56 and MobileNetV2 ran 20-30% faster
+    this project's 2-core host the batch-1 graph of ResNet-20/56 and MobileNetV2 ran 11-38% faster
     with one thread than with two (docs/benchmarks.md, section 13), while training and large
     batches need every core, so neither is a default.
 

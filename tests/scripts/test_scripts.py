@@ -87,7 +87,9 @@ def xla_process(request, mnist, tmp_path_factory):
         yield None
         return
     run = tmp_path_factory.mktemp("xla") / "run"
-    argv = [*lenet_args(mnist, run), "--compile", "on", "--num_replicas", "1", "--accum", "1", "--train_epoch", "1"]
+    # One thread per pool: the pools are sized in a fresh process before its runtime starts.
+    argv = [*lenet_args(mnist, run), "--compile", "on", "--num_replicas", "1", "--accum", "1", "--train_epoch", "1",
+            "--intra_op_threads", "1", "--inter_op_threads", "1"]
     with open(run.parent / "stderr.txt", "w+", encoding="utf-8") as err:
         proc = subprocess.Popen([sys.executable, "train_cifar.py", *argv], cwd=ROOT,
                                 env=dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2"),
@@ -365,6 +367,7 @@ def test_a_bad_config_file_is_one_clear_line(content, message, tmp_path, capsys)
 @pytest.mark.parametrize("argv, message", [
     (["--data_path", "/nonexistent/cifar"], "/nonexistent/cifar"),
     (["--batch_size", "0"], "--batch_size must be positive"),
+    (["--intra_op_threads", "-1"], "--intra_op_threads must be 0 (one per core) or a count of threads, got -1"),
     (["--decay_points", "0.5", "0.2"], "--decay_points"),
     (["--compile", "maybe"], "--compile must be one of"),
     (["--method", "ekg", "--search_round_to", "0"], "--search_round_to must be positive"),
@@ -455,3 +458,4 @@ def test_xla_training_of_a_net_that_max_pools(xla_process):
     assert proc.returncode == 0, err.read()[-2000:]
     results = json.loads((run / "results.json").read_text())
     assert results["count"] == 8 and 0 <= results["top1"] <= 1
+    assert json.loads((run / "config.json").read_text())["run"]["intra_op_threads"] == 1
