@@ -12,6 +12,7 @@ follows its activations rather than its multiply-adds is memory- or overhead-bou
 cuts arithmetic quadratically but memory traffic only linearly.
 
     python benchmarks/slimmed_profile.py --batch 128 --json runs/slimmed_profile.json
+    python benchmarks/slimmed_profile.py --patterns --json runs/width_patterns.json   # other width patterns
 """
 
 from __future__ import annotations
@@ -116,11 +117,47 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+# Other ways to spend the same cut (`--patterns`): every block interior at one 16-channel vector (the
+# streams whole: 59% of the multiply-adds), and the streams halved with the interiors whole (50%).
+PATTERNS = {"ekg45": EKG45,
+            "interiors16": {"stem": 16, "stage1": 32, "stage2": 64,
+                            **{f"BasicBlock{s}.{b}/conv1": 16 for s in range(3) for b in range(9)}},
+            "streams_half": {"stem": 8, "stage1": 16, "stage2": 32,
+                             **{f"BasicBlock{s}.{b}/conv1": 16 << s for s in range(3) for b in range(9)}}}
+
+
+def patterns(batch: int, calls: int, rounds: int) -> dict:
+    """Median over interleaved rounds of each width pattern's latency, relative to the unpruned net's."""
+    import nets
+
+    built = {"unpruned": nets.build("ResNet-56", masked=False),
+             **{name: nets.build("ResNet-56", widths=widths, masked=False) for name, widths in PATTERNS.items()}}
+    out = {}
+    for size in (1, batch):
+        import tensorflow as tf
+
+        x = tf.random.normal([size, 32, 32, 3], seed=1)
+        forwards = {name: tf.function(lambda images, net=net: net(images, training=False))
+                    for name, net in built.items()}
+        runs = collections.defaultdict(list)
+        for r in range(rounds):
+            for name in (list(built) if r % 2 == 0 else list(built)[::-1]):
+                runs[name].append(timed(lambda: forwards[name](x).numpy(), calls * (4 if size == 1 else 1))["median_ms"])
+        for name in built:
+            out.setdefault(name, {"macs_ratio": built[name].cost().macs / built["unpruned"].cost().macs})
+            out[name][f"b{size}_ms"] = float(np.median(runs[name]))
+            out[name][f"b{size}_ratio"] = out[name][f"b{size}_ms"] / float(np.median(runs["unpruned"]))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--calls", type=int, default=10, help="profiled forward passes of each net")
     p.add_argument("--json", help="also write the figures here")
+    p.add_argument("--patterns", action="store_true",
+                   help="instead: the whole-net latency of other width patterns at similar FLOPs (PATTERNS)")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds of --patterns")
     args = p.parse_args(argv)
     if args.batch < 1 or args.calls < 1:
         p.error("--batch and --calls must be positive")
@@ -133,6 +170,16 @@ def main(argv=None) -> int:
     import nets
 
     tf.random.set_seed(0)
+    if args.patterns:
+        result = {"host": host(), "load_before": os.getloadavg()[0], "batch": args.batch,
+                  "patterns": patterns(args.batch, args.calls, args.rounds), "load_after": os.getloadavg()[0]}
+        print(f"ResNet-56 width patterns; {result['host']}; load {result['load_before']:.2f} -> "
+              f"{result['load_after']:.2f}\n| widths | multiply-adds | batch 1 | batch {args.batch} |\n|---|---:|---:|---:|")
+        for name, row in result["patterns"].items():
+            print(f"| {name} | {row['macs_ratio']:.2f} | {row['b1_ratio']:.2f} | {row[f'b{args.batch}_ratio']:.2f} |")
+        if args.json:
+            write_json(args.json, result)
+        return 0
     built = {"unpruned": nets.build("ResNet-56", masked=False),
              "slimmed": nets.build("ResNet-56", widths=EKG45, masked=False)}
     result = {"host": host(), "load_before": os.getloadavg()[0], "batch": args.batch,
