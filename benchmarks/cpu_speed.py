@@ -172,18 +172,13 @@ def _child_params(args) -> dict:
 def _child_toolkit(args) -> dict:
     sys.path.insert(0, ROOT)
     from op_utils.strategy import make_strategy
+    from utils.devices import use_precision, use_thread_pools
 
     import tensorflow as tf
 
-    # Thread pools are fixed when the runtime starts, so before make_strategy's first device query.
-    if args.inter_op:
-        tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
-    if args.intra_op:
-        tf.config.threading.set_intra_op_parallelism_threads(args.intra_op)
+    use_thread_pools(args.intra_op, args.inter_op)  # as the scripts' --intra_op_threads: before the runtime starts
     strategy = make_strategy(None, 1)  # before any other TF op, as every script
     if args.bf16:
-        from utils.devices import use_precision
-
         use_precision("bfloat16")
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
@@ -252,13 +247,13 @@ def _child_fit(args) -> dict:
                       "first_step_s": times[0]}}
 
 
-def _child_torch(args) -> dict:
+def _torch_start(args):
+    """`(torch, build, saved params file, params, out)` of a PyTorch child, or the dict it returns
+    when it has nothing to run (PyTorch absent, a padded variant)."""
     try:
         import torch
     except ImportError:
         return {"skipped": "PyTorch is not installed (pip install torch==2.13.0)"}
-    import torch.nn.functional as F
-
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from torch_nets import build
 
@@ -266,7 +261,16 @@ def _child_torch(args) -> dict:
         return {"skipped": "padding is the toolkit's (PyTorch runs the net's own widths)"}
     saved = np.load(_params_file(args, args.arch, args.variant))
     params = {k: saved[k] for k in saved.files if not k.startswith("__")}
-    out = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    return torch, build, saved, params, {"threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def _child_torch(args) -> dict:
+    start = _torch_start(args)
+    if isinstance(start, dict):
+        return start
+    torch, build, saved, params, out = start
+    import torch.nn.functional as F
+
     for layout, memory_format in (("nchw", torch.contiguous_format), ("cl", torch.channels_last)):
         net = build(args.arch, params).to(memory_format=memory_format)
         net.eval()
@@ -299,18 +303,11 @@ def _child_torch_export(args) -> dict:
     """PyTorch's deployable forms of the same net, channels-last, beside the TFLite file: TorchScript
     (traced, frozen, `optimize_for_inference`) and `torch.compile` (inductor), each checked against
     the reference logits; a form that fails is reported with its error's last line."""
-    try:
-        import torch
-    except ImportError:
-        return {"skipped": "PyTorch is not installed (pip install torch==2.13.0)"}
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from torch_nets import build
-
-    if "_pad" in args.variant:
-        return {"skipped": "padding is the toolkit's (PyTorch runs the net's own widths)"}
-    saved = np.load(_params_file(args, args.arch, args.variant))
-    net = build(args.arch, {k: saved[k] for k in saved.files if not k.startswith("__")})
-    net = net.to(memory_format=torch.channels_last).eval()
+    start = _torch_start(args)
+    if isinstance(start, dict):
+        return start
+    torch, build, saved, params, out = start
+    net = build(args.arch, params).to(memory_format=torch.channels_last).eval()
 
     def nchw(images):
         return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
@@ -318,7 +315,6 @@ def _child_torch_export(args) -> dict:
     check = nchw(saved["__images__"])
     makers = {"torchscript": lambda: torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(net, check))),
               "compile": lambda: torch.compile(net)}
-    out = {"threads": torch.get_num_threads(), "torch": torch.__version__}
     for name, make in makers.items():
         try:
             with torch.no_grad():

@@ -128,17 +128,16 @@ PATTERNS = {"ekg45": EKG45,
 
 def patterns(batch: int, calls: int, rounds: int) -> dict:
     """Median over interleaved rounds of each width pattern's latency, relative to the unpruned net's."""
+    import tensorflow as tf
+
     import nets
 
     built = {"unpruned": nets.build("ResNet-56", masked=False),
              **{name: nets.build("ResNet-56", widths=widths, masked=False) for name, widths in PATTERNS.items()}}
+    forwards = {name: tf.function(lambda images, net=net: net(images, training=False)) for name, net in built.items()}
     out = {}
     for size in (1, batch):
-        import tensorflow as tf
-
         x = tf.random.normal([size, 32, 32, 3], seed=1)
-        forwards = {name: tf.function(lambda images, net=net: net(images, training=False))
-                    for name, net in built.items()}
         runs = collections.defaultdict(list)
         for r in range(rounds):
             for name in (list(built) if r % 2 == 0 else list(built)[::-1]):

@@ -23,7 +23,7 @@ import os
 from typing import Optional, Sequence
 
 from codebase import presets
-from codebase.options import Options, build, fraction, option, positive, run_control_fields
+from codebase.options import Options, build, fraction, option, positive, run_control_fields, thread_counts
 from utils.errors import ConfigError
 
 PRECISIONS = ("float32", "bfloat16")  # --precision (utils.devices.use_precision)
@@ -90,9 +90,7 @@ class RunConfig(Options):
         positive(val_batch_size=self.val_batch_size, num_replicas=self.num_replicas, accum=self.accum,
                  do_log=self.do_log, baseline_epoch=self.baseline_epoch, ckpt_every_steps=self.ckpt_every_steps,
                  baseline_learning_rate=self.baseline_learning_rate, image_size=self.image_size)
-        for name in ("intra_op_threads", "inter_op_threads"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name} must be 0 (one per core) or a count of threads, got {getattr(self, name)}")
+        thread_counts(intra_op_threads=self.intra_op_threads, inter_op_threads=self.inter_op_threads)
         if self.trained_param is not None and not os.path.isfile(self.trained_param):
             raise ConfigError(f"--trained_param {self.trained_param} does not exist")
         dataset_options(self.dataset, self.image_size)

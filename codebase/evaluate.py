@@ -8,6 +8,7 @@ import os
 import time
 
 from codebase.config import PRECISIONS, dataset_options
+from codebase.options import thread_counts
 from utils.errors import ConfigError
 
 
@@ -63,9 +64,7 @@ def parse_args(argv):
 
 
 def check_thread_flags(args) -> None:
-    for name in ("intra_op_threads", "inter_op_threads"):
-        if getattr(args, name) < 0:
-            raise ConfigError(f"--{name} must be 0 (one per core) or a count of threads, got {getattr(args, name)}")
+    thread_counts(intra_op_threads=args.intra_op_threads, inter_op_threads=args.inter_op_threads)
 
 
 def measure_latency(net, batch_size: int, input_shape, runs: int, xla: bool) -> float:

@@ -121,6 +121,13 @@ def run_control_fields(owner) -> set:
 
 
 # === Shared checks: each names the flag ===
+def thread_counts(**values) -> None:
+    """Thread-pool sizes: 0 (TensorFlow's default, one per core) or a positive count."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"--{name} must be 0 (one per core) or a count of threads, got {value!r}")
+
+
 def positive(**values) -> None:
     for name, value in values.items():
         if value is None:

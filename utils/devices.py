@@ -94,7 +94,7 @@ def use_thread_pools(intra_op: int = 0, inter_op: int = 0) -> dict:
             ("--inter_op_threads", inter_op, threading.set_inter_op_parallelism_threads,
              threading.get_inter_op_parallelism_threads)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{flag} must be a count of threads (0: one per core), got {value!r}")
+            raise ConfigError(f"{flag} must be 0 (one per core) or a count of threads, got {value!r}")
         if value:
             try:
                 setter(value)
